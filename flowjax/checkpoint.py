@@ -1,0 +1,111 @@
+"""Orbax checkpoints of the train state, and the exported EMA weights later stages load.
+
+Layout of a workdir:
+    checkpoints/<step>/{state,config}   full train state + the config that made it (atomic)
+    export/meta.json                    model config and sample shape of the exported weights
+    export/params/                      EMA parameters, a standalone Orbax checkpoint
+"""
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from flowjax import errors
+
+# Sections that define what a checkpoint is; a workdir holding another experiment's
+# checkpoints (different method, model or data) is refused rather than mixed.
+IDENTITY_FIELDS = ('method', 'model', 'data', 'flow')
+
+
+def _jsonable(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json())
+
+
+class Checkpoints:
+    """Periodic, atomic saves of (state, config) under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str | epath.Path, config: ml_collections.ConfigDict):
+        self._config = config
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints,
+            save_interval_steps=config.train.checkpoint_every,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            epath.Path(workdir) / 'checkpoints', options=options, item_names=('state', 'config'))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any) -> Any | None:
+        """The latest saved state (sharded like `abstract_state`), or None in a fresh workdir."""
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        current = _jsonable(self._config)
+        for field in IDENTITY_FIELDS:
+            if saved.get(field) != current.get(field):
+                raise errors.UserError(
+                    f'{self._manager.directory}: holds checkpoints of a different experiment '
+                    f'({field!r} differs from this config); use a new --workdir')
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored['state']
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_jsonable(self._config))),
+            force=force)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def export_dir(workdir: str | epath.Path) -> epath.Path:
+    return epath.Path(workdir) / 'export'
+
+
+def is_exported(workdir: str | epath.Path) -> bool:
+    path = export_dir(workdir)
+    params = path / 'params'
+    return (path / 'meta.json').exists() and params.exists() and ocp.utils.is_checkpoint_finalized(params)
+
+
+def export(workdir: str | epath.Path, params: Any, meta: dict) -> epath.Path:
+    """Writes EMA `params` and `meta` to `<workdir>/export`; an existing export is kept as is."""
+    path = export_dir(workdir)
+    if is_exported(workdir):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        tmp = path / 'meta.json.tmp'
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(path / 'meta.json')
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / 'params', params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return path
+
+
+def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:
+    """(params, meta) of an export written by `export`; a one-line error if it is missing."""
+    path = epath.Path(path)
+    if path.name != 'export' and (path / 'export').exists():
+        path = path / 'export'
+    if not (path / 'meta.json').exists() or not (path / 'params').exists():
+        raise errors.UserError(f'{path}: no exported model here (expected meta.json and params/ written '
+                               'at the end of a training run, in <workdir>/export)')
+    meta = json.loads((path / 'meta.json').read_text())
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(path / 'params', abstract_params)
+    checkpointer.close()
+    return params, meta

@@ -1,0 +1,28 @@
+"""Tests run on 8 fake CPU devices."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def load_experiment():
+    """get_config of an experiment file, as main would load it."""
+    import importlib.util
+
+    def load(name: str, arg: str | None = None):
+        spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg)
+        config.lock()
+        return config
+
+    return load
