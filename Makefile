@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m flowjax.main --config=experiments/toy2d_rf.py --workdir=$(WORKDIR)
+	$(PY) -m flowjax.main --config=experiments/toy2d_reflow.py --workdir=$(WORKDIR)
 	@cat $(WORKDIR)/report.md
 	@echo; echo "report: $(WORKDIR)/report.md (and report.json), plot: $(WORKDIR)/samples.png"
 

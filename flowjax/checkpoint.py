@@ -17,12 +17,35 @@ from etils import epath
 from flowjax import errors
 
 # Sections that define what a checkpoint is; a workdir holding another experiment's
-# checkpoints (different method, model or data) is refused rather than mixed.
-IDENTITY_FIELDS = ('method', 'model', 'data', 'flow')
+# checkpoints is refused rather than mixed: every field must match except these, which a
+# resumed run may change (train longer, log or save at another rate, evaluate differently).
+RESUMABLE_CHANGES = ('name', 'eval', 'train.steps', 'train.log_every', 'train.checkpoint_every',
+                     'train.keep_checkpoints')
 
 
 def _jsonable(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def config_difference(saved: dict, current: dict) -> str | None:
+    """The first field (dotted) on which two configs differ, ignoring RESUMABLE_CHANGES."""
+    a, b = _flatten(saved), _flatten(current)
+    for field in sorted(set(a) | set(b)):
+        if any(field == r or field.startswith(r + '.') for r in RESUMABLE_CHANGES):
+            continue
+        if a.get(field) != b.get(field):
+            return field
+    return None
 
 
 class Checkpoints:
@@ -47,12 +70,11 @@ class Checkpoints:
         if step is None:
             return None
         saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-        current = _jsonable(self._config)
-        for field in IDENTITY_FIELDS:
-            if saved.get(field) != current.get(field):
-                raise errors.UserError(
-                    f'{self._manager.directory}: holds checkpoints of a different experiment '
-                    f'({field!r} differs from this config); use a new --workdir')
+        field = config_difference(saved, _jsonable(self._config))
+        if field is not None:
+            raise errors.UserError(
+                f'{self._manager.directory}: holds checkpoints of a different experiment ({field} differs '
+                f'from this config); use a new --workdir or remove that directory')
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored['state']
@@ -80,20 +102,42 @@ def is_exported(workdir: str | epath.Path) -> bool:
 
 
 def export(workdir: str | epath.Path, params: Any, meta: dict) -> epath.Path:
-    """Writes EMA `params` and `meta` to `<workdir>/export`; an existing export is kept as is."""
+    """Writes EMA `params` and `meta` to `<workdir>/export`, replacing an export of another step.
+
+    The new export is staged beside the old one and swapped in by renames, so a crash leaves
+    either the old export or the new one, never a mix.
+    """
     path = export_dir(workdir)
-    if is_exported(workdir):
+    if is_exported(workdir) and json.loads((path / 'meta.json').read_text()).get('step') == meta['step']:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        tmp = path / 'meta.json.tmp'
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(path / 'meta.json')
+    staging = path.parent / f'.export-{meta["step"]}.staging'
+    primary = jax.process_index() == 0
+    if primary and staging.exists():
+        staging.rmtree()
+    _barrier('export-staging')
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / 'params', params, force=True)
+    checkpointer.save(staging / 'params', params)
     checkpointer.wait_until_finished()
     checkpointer.close()
+    if primary:
+        (staging / 'meta.json').write_text(json.dumps(meta, indent=2))
+        retired = path.parent / '.export-retired'
+        if retired.exists():
+            retired.rmtree()
+        if path.exists():
+            path.rename(retired)
+        staging.rename(path)
+        if retired.exists():
+            retired.rmtree()
+    _barrier('export-done')
     return path
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:

@@ -37,11 +37,39 @@ def base() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.adam_eps = 1e-8
     c.train.warmup_steps = 500
+    c.train.lr_final = 1.0  # < 1: cosine decay to lr * lr_final at train.steps; 1: constant
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.ema_decay = 0.999
     c.train.log_every = 500
     c.train.checkpoint_every = 2_000
     c.train.keep_checkpoints = 2
+
+    # method 'generate': a teacher's couplings, written as shards + manifest in the workdir.
+    c.generate = ml_collections.ConfigDict()
+    c.generate.teacher = config_dict.placeholder(str)  # export dir, or a pipeline stage name
+    c.generate.num_pairs = 10_000
+    c.generate.batch_size = 1_000  # pairs solved at once (split over the local devices)
+    c.generate.shard_size = 1_000  # pairs a shard file; pair i lives in shard i // shard_size
+    c.generate.sampler = 'rk45'  # or 'euler@N', 'heun@N', 'midpoint@N'
+    c.generate.rtol = 1e-5
+    c.generate.atol = 1e-5
+    c.generate.direction = 'backward'  # backward: noise -> data; forward: real data -> noise
+    c.generate.dtype = 'float32'  # storage: float32, bfloat16 or float16
+    c.generate.max_new_shards = config_dict.placeholder(int)  # stop after writing this many
+
+    # methods 'reflow' and 'distill': students trained on stored couplings.
+    c.reflow = ml_collections.ConfigDict()
+    c.reflow.couplings = config_dict.placeholder(str)  # coupling store dir, or a stage name
+    c.reflow.init = config_dict.placeholder(str)  # export (or stage) to start from; None: fresh
+    c.reflow.online_teacher = config_dict.placeholder(str)  # set: pairs solved per batch instead
+    c.reflow.online_sampler = 'euler@32'
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.couplings = config_dict.placeholder(str)
+    c.distill.init = config_dict.placeholder(str)  # the student starts from this export (or stage)
+    c.distill.k = 1  # k = 1: one step from t = eps; k > 1: t on the grid {i / k}
+    c.distill.loss = 'l2'  # or 'pseudo_huber'
+    c.distill.huber_c = config_dict.placeholder(float)  # None: 0.00054 * dim (ALGORITHMS.md 3)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.samplers = ('euler@1', 'euler@2', 'euler@4', 'euler@8', 'heun@4', 'rk45')
@@ -50,6 +78,20 @@ def base() -> ml_collections.ConfigDict:
     c.eval.atol = 1e-5
     c.eval.straightness_steps = 100
     c.eval.trajectories = 16
+    # method 'evaluate': exports to compare (stage names or 'label=path'), and a coupling store
+    # whose pair count and NFE go into the report.
+    c.eval.models = ()
+    c.eval.couplings = config_dict.placeholder(str)
+    return c
+
+
+def pipeline(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A pipeline config running the given stage configs in order (see flowjax/pipeline.py)."""
+    c = ml_collections.ConfigDict()
+    c.method = 'pipeline'
+    c.stages = tuple(stages)
+    for name, stage in stages.items():
+        c[name] = stage
     return c
 
 

@@ -189,6 +189,44 @@ def evaluate_toy(config: ml_collections.ConfigDict, workdir: str | epath.Path,
         rtol=config.eval.rtol, atol=config.eval.atol)
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Static checks of the `evaluate` method's config."""
+    if config.data.kind != 'toy2d':
+        raise errors.ConfigError(f"data.kind={config.data.kind!r}: method 'evaluate' supports 'toy2d' in this version")
+    toy2d.distribution(config.data.target, 'data.target')
+    toy2d.distribution(config.data.source, 'data.source')
+    parse_samplers(config)
+    if not config.eval.models:
+        raise errors.ConfigError("eval.models: name at least one exported model ('label=path' or a stage)")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Method 'evaluate': compares exported models (`eval.models`) on the same held-out sets.
+
+    Each entry is an export path (or a pipeline stage name) or 'label=path'; the label
+    defaults to the directory name. With `eval.couplings`, the coupling pass's pair count and
+    mean NFE are reported too.
+    """
+    from flowjax import methods, models  # methods imports this module
+
+    check(config)
+    loaded = {}
+    for entry in config.eval.models:
+        label, sep, path = ('', '', entry) if epath.Path(entry).exists() else entry.partition('=')
+        path = path if sep else entry
+        module, params, _ = methods.load_model(path, 'eval.models')
+        loaded[label if sep else epath.Path(path).name] = (models.apply_fn(module), params)
+    report = evaluate_toy(config, epath.Path(workdir), loaded)
+    if config.eval.couplings:
+        from flowjax.data import couplings
+
+        manifest = couplings.open_store(config.eval.couplings).manifest
+        report['couplings'] = {'pairs': manifest['num_pairs'], 'mean_nfe': manifest['mean_nfe'],
+                               'sampler': manifest['sampler'], 'direction': manifest['direction']}
+        write_report(workdir, report)
+    return report
+
+
 # ----------------------------------------------------------------------------
 # Report files.
 # ----------------------------------------------------------------------------
@@ -198,6 +236,10 @@ def read_report(workdir: str | epath.Path) -> dict:
     """The workdir's report.json, or {} if there is none yet."""
     path = epath.Path(workdir) / 'report.json'
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+# Report entries that describe the run rather than a model.
+INFO_SECTIONS = ('couplings',)
 
 
 def _write_atomic(path: epath.Path, text: str) -> None:
@@ -229,6 +271,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def report_markdown(report: Mapping[str, Any]) -> str:
     """One table per metric: rows are models, columns sampler keys, cells 'value (NFE)'."""
+    info = {name: entry for name, entry in report.items() if name in INFO_SECTIONS}
+    report = {name: entry for name, entry in report.items() if name not in INFO_SECTIONS}
     keys = []
     for entry in report.values():
         keys += [k for k, v in entry.items() if isinstance(v, dict) and k not in keys]
@@ -243,6 +287,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     scalars = ('straightness', 'straightness_norm', 'w2_data', 'energy_data')
     rows = [[name] + [_fmt(entry.get(k)) for k in scalars] for name, entry in report.items()]
     lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
+    for name, entry in info.items():
+        lines += [f'## {name}', ''] + _table(list(entry), [[_fmt(v) for v in entry.values()]]) + ['']
     return '\n'.join(lines)
 
 

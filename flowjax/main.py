@@ -9,8 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flowjax import errors
-from flowjax.methods import rf
+from flowjax import errors, evaluate, generate, pipeline
+from flowjax.methods import distill, reflow, rf
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/toy2d_rf.py:runlocal',
                                           lock_config=True)
@@ -19,6 +19,19 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (or bucket path) for 
 # method name -> runner(config, workdir)
 METHODS = {
     'rf': rf.run,
+    'generate': generate.run,
+    'reflow': reflow.run,
+    'distill': distill.run,
+    'evaluate': evaluate.run,
+    'pipeline': lambda config, workdir: pipeline.run(config, workdir, METHODS, CHECKS),
+}
+# method name -> static config check (no file access), run on every stage before a pipeline starts
+CHECKS = {
+    'rf': rf.check,
+    'generate': generate.check,
+    'reflow': reflow.check,
+    'distill': distill.check,
+    'evaluate': evaluate.check,
 }
 
 
@@ -66,10 +79,10 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraries:
-    """Hides the INFO chatter of checkpointing internals from the log (warnings still show)."""
+    """Hides the INFO chatter of checkpointing internals and backend probing (warnings still show)."""
 
     def filter(self, record) -> bool:
-        return record.levelno > 20 or '/orbax/' not in record.pathname
+        return record.levelno > 20 or not any(part in record.pathname for part in ('/orbax/', 'xla_bridge'))
 
 
 def main(argv: list[str]) -> None:
@@ -95,7 +108,7 @@ def main(argv: list[str]) -> None:
         METHODS[method](config, workdir)
     except errors.UserError as e:
         fail(str(e))
-    outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export')
+    outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export', 'manifest.json')
                if os.path.exists(os.path.join(workdir, name))]
     print(f"flowjax: {method} finished in {workdir}: {', '.join(outputs)}")
 

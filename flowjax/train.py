@@ -4,6 +4,7 @@ It knows nothing about any method: a method hands it a pure
 `loss_fn(params, batch, rng, ctx) -> (loss, metrics)` and `batches(step) -> global arrays`.
 """
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -30,14 +31,19 @@ class TrainState:
 
 
 def optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam with linear warm-up to `lr` (then constant) and optional global-norm clipping.
+    """Adam with linear warm-up to `lr` and optional global-norm clipping.
 
-    Update n (counting from 1) uses lr * min(n / warmup_steps, 1).
+    Update n (counting from 1) uses lr * min(n / warmup_steps, 1); with `lr_final` < 1 the
+    rate then follows a cosine from lr to lr * lr_final at `steps` (1: constant, the reference).
     """
     warmup = max(cfg.warmup_steps, 1)
+    decay_steps = max(cfg.steps - warmup, 1)
 
     def schedule(count):
-        return cfg.lr * jnp.minimum((count + 1.0) / warmup, 1.0)
+        n = count + 1.0
+        progress = jnp.clip((n - warmup) / decay_steps, 0.0, 1.0)
+        decay = cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return cfg.lr * jnp.minimum(n / warmup, 1.0) * decay
 
     adam = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps)
     if cfg.grad_clip > 0:
@@ -57,6 +63,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     sharding.check_batch_size(cfg.batch_size, mesh)
     if cfg.lr <= 0:
         raise errors.ConfigError(f'train.lr={cfg.lr}: must be > 0')
+    if not 0.0 <= cfg.lr_final <= 1.0:
+        raise errors.ConfigError(f'train.lr_final={cfg.lr_final}: must be in [0, 1] (a fraction of train.lr)')
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise errors.ConfigError(f'train.ema_decay={cfg.ema_decay}: must be in [0, 1)')
     for field in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
@@ -64,15 +72,15 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
             raise errors.ConfigError(f'train.{field}={cfg[field]}: must be >= 1')
 
 
-def make_train_step(loss_fn: LossFn, ctx: Any, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, decay: float, rng: jax.Array):
-    """The pure step (state, batch) -> (state, metrics); randomness folded with the step.
+    """The pure step (state, batch, ctx) -> (state, metrics); randomness folded with the step.
 
     Random draws inside `loss_fn` use the partitionable threefry, so each example's
     noise and t depend on (seed, step, example index) and not on how the batch is sharded.
     """
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, ctx: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(rng, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, ctx)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -100,17 +108,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     root = jax.random.key(config.seed)
     replicated = sharding.replicated(mesh)
 
-    def init(key):
-        if init_params is not None:
-            params = init_params
+    def init(key, given):
+        if given is not None:  # an argument, not a closure, so big weights are no jit constants
+            params = given
         else:
             dummy = jnp.zeros((1, *sample_shape), jnp.float32)
             params = module.init(key, dummy, jnp.zeros((1,), jnp.float32))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params))
+        # The EMA starts equal to the params but must be its own buffer: the step donates both.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
     init_key = jax.random.fold_in(root, 0)
-    abstract = jax.eval_shape(init, init_key)
+    abstract = jax.eval_shape(init, init_key, init_params)
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_sharding)
@@ -118,20 +127,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     ckpt = checkpoint.Checkpoints(workdir, config)
     state = ckpt.restore(abstract)
     if state is None:
-        state = jax.jit(init, out_shardings=state_sharding)(init_key)
+        state = jax.jit(init, out_shardings=state_sharding)(init_key, init_params)
     start = int(state.step)
     if start:
         logging.info('resumed from %s at step %d', workdir / 'checkpoints', start)
 
     step_fn = jax.jit(
-        make_train_step(loss_fn, ctx, tx, schedule, cfg.ema_decay, jax.random.fold_in(root, 1)),
+        make_train_step(loss_fn, tx, schedule, cfg.ema_decay, jax.random.fold_in(root, 1)),
         out_shardings=(state_sharding, replicated), donate_argnums=0)
 
     writer = writers.MetricsWriter(workdir, resume_step=start)
     progress = writers.Progress(cfg.steps, start)
     pending = []
     for step in range(start, cfg.steps):
-        state, metrics = step_fn(state, batches(step))
+        state, metrics = step_fn(state, batches(step), ctx)
         pending.append(metrics)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -143,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     ckpt.close()
     writer.close()
 
-    meta = {'method': config.method, 'model': config.model.to_dict(), 'sample_shape': list(sample_shape),
-            'step': int(state.step), 'seed': config.seed, 'flow': config.flow.to_dict()}
+    meta = {'method': config.method, 'model': json.loads(config.model.to_json()), 'sample_shape': list(sample_shape),
+            'step': int(state.step), 'seed': config.seed, 'flow': json.loads(config.flow.to_json())}
     checkpoint.export(workdir, state.ema_params, meta)
     return state

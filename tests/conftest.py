@@ -12,16 +12,22 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def load_experiment():
-    """get_config of an experiment file, as main would load it."""
+def experiment_config(name: str, arg: str | None = None):
+    """get_config of an experiment file (unlocked)."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def load_experiment():
+    """get_config of an experiment file, locked as main would load it."""
+
     def load(name: str, arg: str | None = None):
-        spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(arg)
+        config = experiment_config(name, arg)
         config.lock()
         return config
 

@@ -109,18 +109,18 @@ def sample(spec: ml_collections.ConfigDict, key: jax.Array, n: int, field: str =
     return np.asarray(jax.jit(distribution(spec, field), static_argnums=1)(key, n))
 
 
-def make_batches(spec: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seed: int):
-    """`batches(step) -> {'x1': (batch_size, 2)}`: a global array sharded along 'data', drawn on device.
+def make_batches(spec: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seed: int, field: str = 'x1'):
+    """`batches(step) -> {field: (batch_size, 2)}`: a global array sharded along 'data', drawn on device.
 
     Batch `step` depends only on (seed, step), so a resumed run sees the same data and so
     does a run on any number of devices.
     """
-    draw = distribution(spec, 'data.target')
-    key = jax.random.fold_in(jax.random.key(seed), 0x7a11)
+    draw = distribution(spec, 'data.target' if field == 'x1' else 'data.source')
+    key = jax.random.fold_in(jax.random.key(seed), 0x7a11 if field == 'x1' else 0x50ce)
     sharding = NamedSharding(mesh, P('data'))
 
-    @functools.partial(jax.jit, out_shardings={'x1': sharding})
+    @functools.partial(jax.jit, out_shardings={field: sharding})
     def batch_at(step):
-        return {'x1': draw(jax.random.fold_in(key, step), batch_size)}
+        return {field: draw(jax.random.fold_in(key, step), batch_size)}
 
     return lambda step: batch_at(jnp.asarray(step, jnp.int32))

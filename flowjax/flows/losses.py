@@ -13,3 +13,21 @@ def per_example_l2(pred: jax.Array, target: jax.Array) -> jax.Array:
 def l2(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Squared error, mean over dimensions and batch (the rectified-flow loss)."""
     return jnp.mean(per_example_l2(pred, target))
+
+
+def per_example_pseudo_huber(pred: jax.Array, target: jax.Array, c: float | None = None) -> jax.Array:
+    """rfpp's pseudo-Huber distance (sqrt(||pred - target||^2 + c^2) - c) / d, shape (B,).
+
+    d is the number of dimensions of one example; c defaults to 0.00054 * d as ALGORITHMS.md
+    section 3 gives it (the iCT paper's 0.00054 * sqrt(d) is one `c=` away).
+    """
+    err = (pred.astype(jnp.float32) - target.astype(jnp.float32)).reshape(pred.shape[0], -1)
+    d = err.shape[1]
+    c = 0.00054 * d if c is None else c
+    return (jnp.sqrt(jnp.sum(jnp.square(err), axis=1) + c * c) - c) / d
+
+
+PER_EXAMPLE = {
+    'l2': lambda pred, target, c=None: per_example_l2(pred, target),
+    'pseudo_huber': per_example_pseudo_huber,
+}

@@ -1,0 +1,244 @@
+"""The coupling store: teacher pairs (x0 noise, x1 data) written in shards, read back shuffled.
+
+Layout of a store directory (local or bucket, through `etils.epath`):
+    manifest.json        how the pairs were made; `complete: true` once every shard exists
+    shard-000000.npz     pairs [k * S, min((k + 1) * S, N)): x0, x1, index (int64), nfe (int32)[, label]
+
+A shard appears under its final name only when fully written (temporary name, then rename),
+so "the file exists" means "the shard is complete". bfloat16 / float16 pairs are stored as
+uint16 views; the manifest's `dtype` says how to read them back.
+"""
+
+import io
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flowjax import errors, sharding
+
+FORMAT_VERSION = 1
+MANIFEST = 'manifest.json'
+DTYPES: dict[str, Any] = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
+# What a store was made from; a rerun asking for other values is refused, never mixed in.
+IDENTITY_FIELDS = ('version', 'teacher', 'teacher_step', 'data', 'sampler', 'rtol', 'atol', 'direction', 'seed',
+                   'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps')
+_PAIR_FIELDS = ('x0', 'x1')
+_SHUFFLE_SALT = 0x5EED
+
+
+def num_shards(num_pairs: int, shard_size: int) -> int:
+    return -(-num_pairs // shard_size)
+
+
+def shard_range(k: int, num_pairs: int, shard_size: int) -> tuple[int, int]:
+    """The global pair ids [lo, hi) shard k holds."""
+    return k * shard_size, min((k + 1) * shard_size, num_pairs)
+
+
+def shard_path(path: str | epath.Path, k: int) -> epath.Path:
+    return epath.Path(path) / f'shard-{k:06d}.npz'
+
+
+def _write_atomic(target: epath.Path, data: bytes) -> None:
+    tmp = target.parent / f'{target.name}.tmp-{uuid.uuid4().hex}'
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
+def _jsonable(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def read_manifest(path: str | epath.Path) -> dict | None:
+    """The manifest of the store at `path`, or None when there is none yet."""
+    file = epath.Path(path) / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise errors.UserError(f'{file}: unreadable coupling manifest ({e})') from None
+
+
+def write_manifest(path: str | epath.Path, manifest: dict) -> None:
+    _write_atomic(epath.Path(path) / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def check_manifest(path: str | epath.Path, stored: dict, requested: dict,
+                   fields: tuple[str, ...] = IDENTITY_FIELDS) -> None:
+    """Refuses (one line) a store whose `fields` differ from what this run asks for."""
+    for field in fields:
+        if field in requested and stored.get(field) != _jsonable(requested[field]):
+            raise errors.UserError(
+                f'{path}: coupling store was made with {field}={stored.get(field)!r} but this run asks for '
+                f'{field}={_jsonable(requested[field])!r}; use another workdir or delete the store')
+
+
+def present_shards(path: str | epath.Path, count: int) -> list[int]:
+    """Ids k < count of the shards that exist (one directory listing, cheap on buckets)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    names = {p.name for p in path.iterdir()}
+    return [k for k in range(count) if shard_path(path, k).name in names]
+
+
+def write_shard(path: str | epath.Path, k: int, arrays: dict[str, np.ndarray], dtype: str) -> None:
+    """Writes shard k atomically; x0 / x1 are cast to `dtype` (16-bit kinds as uint16 views)."""
+    out = {}
+    for name, value in arrays.items():
+        if name in _PAIR_FIELDS:
+            value = np.asarray(value).astype(DTYPES[dtype])
+            out[name] = value if dtype == 'float32' else value.view(np.uint16)
+        else:
+            out[name] = np.asarray(value)
+    buffer = io.BytesIO()
+    np.savez(buffer, **out)
+    _write_atomic(shard_path(path, k), buffer.getvalue())
+
+
+def read_shard(path: str | epath.Path, k: int, manifest: dict, names: tuple[str, ...] | None = None) -> dict:
+    """Shard k's arrays (x0 / x1 in the storage dtype), checked; one-line error naming a bad file."""
+    file = shard_path(path, k)
+    lo, hi = shard_range(k, manifest['num_pairs'], manifest['shard_size'])
+    try:
+        with file.open('rb') as f, np.load(f, allow_pickle=False) as npz:
+            names = names or tuple(npz.files)
+            arrays = {name: npz[name] for name in names}
+    except Exception as e:  # truncated zip, bad header, missing member: all mean the same to the user
+        raise errors.UserError(f'{file}: truncated or corrupted coupling shard ({type(e).__name__}: '
+                               f"{' '.join(str(e).split())}); delete it and rerun the generate stage") from None
+    expect = {'x0': (hi - lo, *manifest['shape']), 'x1': (hi - lo, *manifest['shape']),
+              'index': (hi - lo,), 'nfe': (hi - lo,)}
+    for name, shape in expect.items():
+        if name in arrays and arrays[name].shape != shape:
+            raise errors.UserError(f'{file}: corrupted coupling shard ({name} has shape '
+                                   f'{arrays[name].shape}, expected {shape}); delete it and rerun the generate stage')
+    if 'index' in arrays and not np.array_equal(arrays['index'], np.arange(lo, hi)):
+        raise errors.UserError(f'{file}: corrupted coupling shard (index is not {lo}..{hi - 1}); '
+                               'delete it and rerun the generate stage')
+    dtype = manifest['dtype']
+    for name in _PAIR_FIELDS:
+        if name in arrays and dtype != 'float32':
+            arrays[name] = arrays[name].view(DTYPES[dtype])
+    return arrays
+
+
+class Store:
+    """A complete, validated coupling store. `load()` reads every shard into host memory
+    (fine for toy and CIFAR-sized stores; a streaming reader can replace it later)."""
+
+    def __init__(self, path: epath.Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.manifest['num_pairs']
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest['shape'])
+
+    def load(self) -> dict[str, np.ndarray]:
+        """All pairs in index order: x0, x1 (storage dtype), index, nfe[, label]; cached."""
+        if self._arrays is None:
+            n = num_shards(self.num_pairs, self.manifest['shard_size'])
+            shards = [read_shard(self.path, k, self.manifest) for k in range(n)]
+            self._arrays = {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
+        return self._arrays
+
+
+def open_store(path: str | epath.Path, expect: dict | None = None) -> Store:
+    """The store at `path`, refused with a one-line error unless complete and matching `expect`."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise errors.UserError(f'{path}: no coupling store here (the directory does not exist)')
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise errors.UserError(f'{path}: no coupling store here ({MANIFEST} is missing; run the generate stage)')
+    if manifest.get('version') != FORMAT_VERSION:
+        raise errors.UserError(f'{path}: coupling store format {manifest.get("version")!r} is not the '
+                               f'supported {FORMAT_VERSION}; regenerate it')
+    total = num_shards(manifest['num_pairs'], manifest['shard_size'])
+    present = len(present_shards(path, total))
+    if not manifest.get('complete') or present < total:
+        raise errors.UserError(f'{path}: incomplete coupling store: {present} of {total} shards present, '
+                               'rerun the generate stage')
+    for field, value in (expect or {}).items():
+        if manifest.get(field) != _jsonable(value):
+            raise errors.UserError(f'{path}: coupling store has {field}={manifest.get(field)!r}, '
+                                   f'expected {field}={_jsonable(value)!r}')
+    return Store(path, manifest)
+
+
+class CouplingBatches:
+    """Stateless shuffled batches: global batch `step` is rows [step * B, (step + 1) * B) of the
+    stream perm_0 ++ perm_1 ++ ..., perm_e a permutation of all pairs drawn from (seed, e);
+    process p of P gets rows [p B / P, (p + 1) B / P) of it. Each epoch visits every pair once."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *,
+                 process_index: int | None = None, process_count: int | None = None):
+        self._arrays = arrays
+        self._n = len(arrays['x0'])
+        self._batch = batch_size
+        self._seed = seed
+        self._index = jax.process_index() if process_index is None else process_index
+        self._count = jax.process_count() if process_count is None else process_count
+        if batch_size < 1 or batch_size % self._count:
+            raise errors.ConfigError(
+                f'batch_size={batch_size}: must be a positive multiple of the process count ({self._count})')
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """perm_e, the order of epoch e (the last two used are cached)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self._seed, _SHUFFLE_SALT, epoch])
+            self._perms[epoch] = rng.permutation(self._n)
+        return self._perms[epoch]
+
+    def local_ids(self, step: int) -> np.ndarray:
+        """Global pair ids of this process's rows of global batch `step`."""
+        per = self._batch // self._count
+        rows = np.arange(per, dtype=np.int64) + step * self._batch + self._index * per
+        epochs, positions = np.divmod(rows, self._n)
+        ids = np.empty_like(rows)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            ids[mask] = self.permutation(int(epoch))[positions[mask]]
+        return ids
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: x0, x1 as float32[, label]."""
+        ids = self.local_ids(step)
+        batch = {name: self._arrays[name][ids].astype(np.float32) for name in _PAIR_FIELDS}
+        if 'label' in self._arrays:
+            batch['label'] = self._arrays['label'][ids]
+        return batch
+
+
+def make_batches(path: str | epath.Path, mesh: Mesh, batch_size: int, seed: int,
+                 expect: dict | None = None) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step) -> {'x0', 'x1'[, 'label']}`: global arrays sharded along the mesh's 'data' axis."""
+    sharding.check_batch_size(batch_size, mesh, 'batch_size')
+    store = open_store(path, expect)
+    reader = CouplingBatches(store.load(), batch_size, seed)
+    batch_sharding = NamedSharding(mesh, P('data'))
+
+    def batches(step: int) -> dict[str, jax.Array]:
+        local = reader.local_batch(step)
+        return {name: jax.make_array_from_process_local_data(batch_sharding, value)
+                for name, value in local.items()}
+
+    return batches

@@ -1,0 +1,276 @@
+"""Method `generate`: a teacher's couplings, written as a sharded, resumable store in the workdir.
+
+Pair i depends only on (seed, i): its start point is drawn from `fold_in(key, i)` and its ODE is
+solved on its own (vmap over single examples, so rk45's steps and NFE are per pair), so the store
+is the same on any number of devices or processes: bit for bit on CPU; on GPU only while the rows
+per device (batch_size / local devices) stay the same, since matmul kernels, and with them the last
+bits (which can flip rk45 step decisions), depend on that shape. Process p writes the shards k with
+k % process_count == p over its local devices, with no cross-process collectives; shards already
+on disk are skipped, so a preempted pass resumes where it stopped.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flowjax import checkpoint, errors, models, sharding, writers
+from flowjax.data import couplings, toy2d
+from flowjax.flows import solvers
+
+DIRECTIONS = ('backward', 'forward')  # backward: noise -> teacher data; forward: real data -> noise
+_STREAMS = {'backward': 0x6E01, 'forward': 0xDA7A}  # start points: noise, or real data
+Draw = Callable[[jax.Array], jax.Array]  # key -> one example
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+    """Per-example on-device samplers of a data kind: `noise` (x0) and real `data` (x1)."""
+    shape: tuple[int, ...]
+    noise: Draw
+    data: Draw
+    spec: dict  # the data fields the pairs depend on, recorded in the manifest
+
+
+def _toy2d_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpoints:
+    source = toy2d.source_sampler(config.data.source)
+    target = toy2d.distribution(config.data.target, 'data.target')
+    used = {'source': config.data.source} if direction == 'backward' else {'target': config.data.target}
+    return Endpoints(shape=(2,), noise=lambda key: source(key, (1, 2))[0], data=lambda key: target(key, 1)[0],
+                     spec={'kind': 'toy2d', **{k: v.to_dict() for k, v in used.items()}})
+
+
+# data.kind -> endpoints; images add their source here (and a real-data reader for `forward`).
+DATA_KINDS: dict[str, Callable[[ml_collections.ConfigDict, str], Endpoints]] = {
+    'toy2d': _toy2d_endpoints,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated generate config: the teacher, the sampler and the requested manifest."""
+    model: str  # the teacher's model config as JSON (hashable, keys the compiled solver)
+    params: Any
+    sampler: solvers.Sampler
+    endpoints: Endpoints
+    manifest: dict
+
+
+def _teacher_path(teacher: str) -> str:
+    path = teacher if '://' in teacher else os.path.abspath(teacher)
+    if epath.Path(path).name != 'export' and checkpoint.export_dir(path).exists():
+        path = str(checkpoint.export_dir(path))
+    return path
+
+
+def check(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[solvers.Sampler, Endpoints]:
+    """Static checks of `config.generate` (one-line ConfigErrors); touches no files."""
+    cfg = config.generate
+    mesh = sharding.data_mesh(jax.local_devices()) if mesh is None else mesh
+    for field in ('num_pairs', 'shard_size'):
+        if isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise errors.ConfigError(f'generate.{field}={cfg[field]!r}: must be an integer >= 1')
+    if cfg.num_pairs >= 2 ** 31:
+        raise errors.ConfigError(f'generate.num_pairs={cfg.num_pairs}: must be < 2**31')
+    sharding.check_batch_size(cfg.batch_size, mesh, 'generate.batch_size')
+    if cfg.max_new_shards is not None and cfg.max_new_shards < 0:
+        raise errors.ConfigError(f'generate.max_new_shards={cfg.max_new_shards}: must be >= 0 (or unset)')
+    if cfg.direction not in DIRECTIONS:
+        raise errors.ConfigError(f"generate.direction={cfg.direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    if cfg.dtype not in couplings.DTYPES:
+        raise errors.ConfigError(f"generate.dtype={cfg.dtype!r}: expected one of {', '.join(couplings.DTYPES)}")
+    try:
+        sampler = solvers.parse_sampler(cfg.sampler, rtol=cfg.rtol, atol=cfg.atol)
+    except ValueError as e:
+        raise errors.ConfigError(f'generate.sampler: {e}') from None
+    if config.data.kind not in DATA_KINDS:
+        raise errors.ConfigError(f"data.kind={config.data.kind!r}: generate supports {', '.join(DATA_KINDS)}")
+    endpoints = DATA_KINDS[config.data.kind](config, cfg.direction)
+    if not cfg.teacher:
+        raise errors.ConfigError('generate.teacher: an export directory (or pipeline stage name) is required')
+    return sampler, endpoints
+
+
+def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
+    """Checks `config.generate` and loads the teacher."""
+    cfg = config.generate
+    sampler, endpoints = check(config, mesh)
+    teacher = _teacher_path(cfg.teacher)
+    try:
+        params, meta = checkpoint.load_export(teacher)
+        models.build(ml_collections.ConfigDict(meta['model']))  # a bad model config fails here, not in jit
+    except Exception as e:  # missing export, unreadable weights, unknown model
+        raise errors.ConfigError(f"generate.teacher: cannot load {teacher} ({' '.join(str(e).split())})") from None
+    if tuple(meta['sample_shape']) != endpoints.shape:
+        raise errors.ConfigError(f'generate.teacher: {teacher} makes samples of shape {meta["sample_shape"]}, '
+                                 f'data.kind={config.data.kind!r} has shape {list(endpoints.shape)}')
+    t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
+    manifest = {
+        'version': couplings.FORMAT_VERSION, 'teacher': teacher, 'teacher_step': meta.get('step'),
+        'data': endpoints.spec, 'sampler': sampler.key,
+        'rtol': sampler.rtol if sampler.name == 'rk45' else None,
+        'atol': sampler.atol if sampler.name == 'rk45' else None,
+        'direction': cfg.direction, 'seed': config.seed, 'num_pairs': cfg.num_pairs,
+        'shard_size': cfg.shard_size, 'dtype': cfg.dtype, 'shape': list(endpoints.shape), 't_eps': t_eps,
+        'complete': False, 'mean_nfe': None,
+    }
+    return Job(json.dumps(meta['model'], sort_keys=True), params, sampler, endpoints, manifest)
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_solver(model: str, sampler: solvers.Sampler, t0: float, t1: float, mesh: Mesh):
+    """Jitted `(params, x) -> (x_end, nfe)`: each device solves its rows one pair at a time (vmap)."""
+    apply = models.apply_fn(models.build(ml_collections.ConfigDict(json.loads(model))))
+
+    def local(params, x):
+        def one(x_i):
+            y, nfe = solvers.solve(functools.partial(apply, params), x_i[None], sampler, t0=t0, t1=t1)
+            return y[0], nfe
+
+        return jax.vmap(one)(x)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data')),
+                                 out_specs=(P('data'), P('data')), check_vma=False))
+
+
+def _start_drawer(draw: Draw, mesh: Mesh):
+    """Jitted `(key, ids) -> x`: example i drawn from fold_in(key, i), on the device holding row i."""
+    local = lambda key, ids: jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(ids)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data')))
+
+
+def start_key(seed: int, direction: str) -> jax.Array:
+    """Pair i's start point (noise for backward, real data for forward) is drawn from fold_in(key, i)."""
+    return jax.random.fold_in(jax.random.key(seed), _STREAMS[direction])
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
+                       devices: Sequence[jax.Device] | None = None, process_index: int | None = None,
+                       process_count: int | None = None) -> dict:
+    """Writes this process's missing shards of the store in `workdir`; process 0 completes it.
+
+    `devices` / `process_index` / `process_count` default to this process's; tests pass others.
+    """
+    started = time.monotonic()
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    mesh = sharding.data_mesh(jax.local_devices() if devices is None else devices)
+    job = prepare(config, mesh)
+    cfg, out = config.generate, epath.Path(workdir)
+    total = couplings.num_shards(cfg.num_pairs, cfg.shard_size)
+    stored = couplings.read_manifest(out)
+    if stored is not None:
+        couplings.check_manifest(out, stored, job.manifest)
+        if stored.get('complete'):
+            logging.info('generate: %s already holds all %d pairs; nothing to do', out, cfg.num_pairs)
+            return _summary(stored, total, 0, started)
+    elif pi == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        couplings.write_manifest(out, job.manifest)
+    _sync('flowjax-generate-manifest')
+    stored = couplings.read_manifest(out)
+    if stored is None:
+        raise errors.UserError(f'{out}: {couplings.MANIFEST} missing; process 0 writes it first')
+    couplings.check_manifest(out, stored, job.manifest)
+
+    owned = [k for k in range(total) if k % pc == pi]
+    present = set(couplings.present_shards(out, total))
+    missing = [k for k in owned if k not in present]
+    todo = missing if cfg.max_new_shards is None else missing[:cfg.max_new_shards]
+    progress = writers.Progress(len(owned), len(owned) - len(missing))
+    nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress)
+
+    _sync('flowjax-generate-shards')
+    if pi == 0:
+        _finish(out, stored, total, nfe_sums)
+    _sync('flowjax-generate-finish')
+    return _summary(couplings.read_manifest(out), total, len(todo), started)
+
+
+def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epath.Path, todo: list[int],
+                  done: int, progress: writers.Progress) -> dict[int, tuple[int, int]]:
+    """Solves and writes the shards `todo`; returns {k: (nfe sum, pairs)}. Shard k + 1 is
+    dispatched before shard k is written, so the device works while the host writes."""
+    backward = cfg.direction == 'backward'
+    eps = job.manifest['t_eps']
+    solve = _pair_solver(job.model, job.sampler, eps if backward else 1.0, 1.0 if backward else eps, mesh)
+    draw = _start_drawer(job.endpoints.noise if backward else job.endpoints.data, mesh)
+    key = start_key(job.manifest['seed'], cfg.direction)
+    params = jax.device_put(job.params, NamedSharding(mesh, P()))
+    rows = min(cfg.batch_size, -(-cfg.shard_size // mesh.size) * mesh.size)
+    row_sharding = NamedSharding(mesh, P('data'))
+
+    def dispatch(k: int) -> list:
+        lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
+        pending = []
+        for start in range(lo, hi, rows):
+            ids = np.minimum(np.arange(start, start + rows), hi - 1).astype(np.int32)  # pad with the last pair
+            x_start = draw(key, jax.device_put(ids, row_sharding))
+            pending.append((hi - start, x_start, *solve(params, x_start)))
+        return pending
+
+    nfe_sums = {}
+    queue = dispatch(todo[0]) if todo else []
+    last = time.monotonic()
+    for n, k in enumerate(todo):
+        fetched = [[np.asarray(a)[:valid] for a in arrays] for valid, *arrays in queue]
+        x_start, x_end, nfe = (np.concatenate(parts) for parts in zip(*fetched))
+        if n + 1 < len(todo):
+            queue = dispatch(todo[n + 1])
+        bad = int(np.sum(~np.isfinite(x_end).reshape(len(x_end), -1).all(axis=1)))
+        if bad:
+            raise errors.UserError(
+                f'generate: {bad} of {len(x_end)} pairs of shard {k} did not converge ({job.sampler.key} gave '
+                'non-finite values, e.g. rk45 hit max_steps); loosen generate.rtol/atol or use euler@N')
+        lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
+        x0, x1 = (x_start, x_end) if backward else (x_end, x_start)
+        couplings.write_shard(out, k, {'x0': x0, 'x1': x1, 'index': np.arange(lo, hi, dtype=np.int64),
+                                       'nfe': nfe.astype(np.int32)}, cfg.dtype)
+        nfe_sums[k] = (int(nfe.sum()), len(nfe))
+        seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
+        progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,
+                                'mean_nfe': nfe.mean()})
+    return nfe_sums
+
+
+def _finish(out: epath.Path, manifest: dict, total: int, nfe_sums: dict[int, tuple[int, int]]) -> None:
+    """Marks the store complete with its mean NFE once every shard exists (process 0)."""
+    present = couplings.present_shards(out, total)
+    if len(present) < total:
+        logging.info('generate: %d of %d shards present in %s; rerun to finish', len(present), total, out)
+        return
+    for k in present:
+        if k not in nfe_sums:
+            nfe = couplings.read_shard(out, k, manifest, names=('nfe',))['nfe']
+            nfe_sums[k] = (int(nfe.sum()), len(nfe))
+    nfe_total = sum(s for s, _ in nfe_sums.values())
+    pairs = sum(n for _, n in nfe_sums.values())
+    couplings.write_manifest(out, {**manifest, 'complete': True, 'mean_nfe': nfe_total / pairs})
+    logging.info('generate: %s complete, %d pairs, mean NFE %.2f', out, pairs, nfe_total / pairs)
+
+
+def _summary(manifest: dict, total: int, new_shards: int, started: float) -> dict:
+    return {'num_pairs': manifest['num_pairs'], 'mean_nfe': manifest.get('mean_nfe'), 'shards': total,
+            'new_shards': new_shards, 'complete': bool(manifest.get('complete')),
+            'seconds': time.monotonic() - started}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Method `generate`: the teacher's couplings in `workdir` (see module docstring)."""
+    return generate_couplings(config, workdir)

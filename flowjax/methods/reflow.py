@@ -1,0 +1,63 @@
+"""Reflow (k-RF): the rectified-flow loss on a teacher's couplings, stored or solved per batch."""
+
+import functools
+
+import jax
+import ml_collections
+
+from flowjax import errors, methods
+from flowjax.data import couplings, toy2d
+from flowjax.flows import solvers
+from flowjax.methods import rf
+
+
+def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
+    """Pairs made on the fly: fresh noise x0, x1 = teacher ODE solve of x0 (no gradient)."""
+    x0 = batch['x0']
+    velocity = functools.partial(_teacher_velocity, ctx)
+    x1, _ = solvers.sample(velocity, x0, ctx.options, eps=ctx.t_eps)  # options: the Sampler
+    return rf.loss_fn(params, {'x0': x0, 'x1': jax.lax.stop_gradient(x1)}, rng, ctx)
+
+
+def _teacher_velocity(ctx: methods.Context, x, t):
+    return ctx.teacher_apply(ctx.teacher_params, x, t)
+
+
+def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
+    """Static checks; returns the online sampler when pairs are solved per batch."""
+    methods.check_training(config)
+    cfg = config.reflow
+    if cfg.online_teacher:
+        if cfg.couplings:
+            raise errors.ConfigError('reflow.couplings and reflow.online_teacher: set one, not both')
+        try:
+            sampler = solvers.parse_sampler(cfg.online_sampler)
+        except ValueError as e:
+            raise errors.ConfigError(f'reflow.online_sampler: {e}') from None
+        if sampler.name == 'rk45':
+            raise errors.ConfigError('reflow.online_sampler: online pairs need a fixed-step sampler (e.g. euler@32)')
+        return sampler
+    if not cfg.couplings:
+        raise errors.ConfigError('reflow.couplings: a coupling store directory (or stage name) is required')
+    return None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config.model` on couplings, starting from `reflow.init` (an export) or fresh."""
+    sampler = check(config)
+    cfg = config.reflow
+    init = methods.load_model(cfg.init, 'reflow.init', config)[1] if cfg.init else None
+    if sampler is not None:
+        module, teacher_params, _ = methods.load_model(cfg.online_teacher, 'reflow.online_teacher')
+
+        def noise(mesh):
+            return toy2d.make_batches(config.data.source, mesh, config.train.batch_size, config.seed, field='x0')
+
+        return methods.fit(config, workdir, loss_fn=online_loss_fn, batches=noise, init_params=init,
+                           options=sampler, teacher=(module, teacher_params))
+
+    def batches(mesh):
+        return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,
+                                      expect={'shape': [2]})
+
+    return methods.fit(config, workdir, loss_fn=rf.loss_fn, batches=batches, init_params=init)

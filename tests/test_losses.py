@@ -1,0 +1,79 @@
+"""Losses and the distillation objective on closed-form velocities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowjax.flows import losses
+from flowjax.methods import Context, distill, rf
+
+
+def test_pseudo_huber_limits():
+    target = jnp.zeros((2, 4, 4, 3))
+    d = 48
+    c = 0.00054 * d
+    small = jnp.full((2, 4, 4, 3), 1e-4)
+    # Quadratic for small errors: ~ ||e||^2 / (2 c d).
+    np.testing.assert_allclose(losses.per_example_pseudo_huber(small, target),
+                               (1e-8 * d) / (2 * c * d), rtol=1e-3)
+    big = jnp.full((2, 4, 4, 3), 10.0)
+    # Linear (a norm) for large errors: ~ (||e|| - c) / d.
+    np.testing.assert_allclose(losses.per_example_pseudo_huber(big, target), (10 * np.sqrt(d) - c) / d, rtol=1e-4)
+    np.testing.assert_allclose(losses.per_example_pseudo_huber(big, target, c=1.0),
+                               (np.sqrt(100 * d + 1) - 1) / d, rtol=1e-6)
+
+
+def test_l2_is_mean_squared_error():
+    pred, target = jnp.arange(8.0).reshape(2, 4), jnp.zeros((2, 4))
+    np.testing.assert_allclose(losses.per_example_l2(pred, target), [14 / 4, 126 / 4])
+    assert float(losses.l2(pred, target)) == pytest.approx(17.5)
+
+
+def _ctx(apply, options=None):
+    return Context(apply=apply, source=lambda key, shape: jax.random.normal(key, shape), t_eps=1e-3,
+                   options=options)
+
+
+@pytest.mark.parametrize('k', [1, 4])
+@pytest.mark.parametrize('distance', ['l2', 'pseudo_huber'])
+def test_distill_loss_is_zero_for_the_coupling_velocity(k, distance):
+    x0 = jax.random.normal(jax.random.key(0), (16, 2))
+    x1 = x0 + jnp.array([3.0, -1.0])
+
+    def apply(params, x, t, rng=None):  # the straight coupling's velocity: a constant shift
+        return jnp.broadcast_to(params['shift'], x.shape)
+
+    batch = {'x0': x0, 'x1': x1}
+    exact, _ = distill.loss_fn({'shift': jnp.array([3.0, -1.0])}, batch, jax.random.key(1),
+                               _ctx(apply, (k, distance, None)))
+    wrong, _ = distill.loss_fn({'shift': jnp.array([2.0, -1.0])}, batch, jax.random.key(1),
+                               _ctx(apply, (k, distance, None)))
+    assert float(exact) < 1e-6 and float(wrong) > 1e-3
+
+
+def test_one_step_distill_starts_from_noise_at_eps():
+    seen = {}
+
+    def apply(params, x, t, rng=None):
+        seen['x'], seen['t'] = x, t
+        return jnp.zeros_like(x)
+
+    x0 = jax.random.normal(jax.random.key(0), (8, 2))
+    loss, _ = distill.loss_fn({}, {'x0': x0, 'x1': x0 + 1.0}, jax.random.key(1), _ctx(apply, (1, 'l2', None)))
+    np.testing.assert_array_equal(seen['x'], x0)
+    np.testing.assert_allclose(seen['t'], 1e-3)
+    assert float(loss) == pytest.approx(1.0)
+
+
+def test_rf_loss_uses_stored_pairs_when_given():
+    x0 = jax.random.normal(jax.random.key(0), (32, 2))
+    x1 = 2.0 * x0 + 1.0
+
+    def apply(params, x, t, rng=None):  # exact velocity of this deterministic coupling
+        t = t[:, None]
+        x0_hat = (x - t) / (1.0 + t)  # x_t = (1 - t) x0 + t (2 x0 + 1)
+        return x0_hat + 1.0
+
+    loss, _ = rf.loss_fn({}, {'x0': x0, 'x1': x1}, jax.random.key(2), _ctx(apply))
+    assert float(loss) < 1e-10

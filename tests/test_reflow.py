@@ -1,0 +1,92 @@
+"""Reflow and distill as single methods: stored pairs, online pairs, and their config checks."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from flowjax import checkpoint, errors, generate
+from flowjax.methods import distill, reflow, rf
+
+from conftest import experiment_config
+
+
+@pytest.fixture(scope='module')
+def teacher_and_pairs(tmp_path_factory):
+    """A tiny 1-RF teacher and 256 of its couplings (euler@8), shared by the tests here."""
+    root = tmp_path_factory.mktemp('reflow')
+    config = experiment_config('toy2d_rf', 'runlocal')
+    config.train.steps = 20
+    config.eval.samplers = ()
+    rf.run(config, str(root / 'teacher'))
+    config.method = 'generate'
+    config.generate.teacher = str(root / 'teacher')
+    config.generate.num_pairs = 256
+    config.generate.batch_size = 128
+    config.generate.shard_size = 128
+    config.generate.sampler = 'euler@8'
+    generate.run(config, str(root / 'pairs'))
+    return config, root
+
+
+def _student(config, method, **section):
+    config = config.copy_and_resolve_references()
+    config.method = method
+    config.train.steps = 6
+    for key, value in section.items():
+        config[method][key] = value
+    return config
+
+
+def test_reflow_on_stored_pairs_starts_from_the_teacher(teacher_and_pairs, tmp_path):
+    config, root = teacher_and_pairs
+    config = _student(config, 'reflow', couplings=str(root / 'pairs'), init=str(root / 'teacher'))
+    config.train.lr = 1e-12  # practically no update: the student must still be the teacher
+    reflow.run(config, str(tmp_path))
+    student, _ = checkpoint.load_export(tmp_path)
+    teacher, _ = checkpoint.load_export(root / 'teacher')
+    for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(teacher)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    losses = [json.loads(line)['loss'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert all(np.isfinite(losses))
+
+
+def test_online_reflow_trains(teacher_and_pairs, tmp_path):
+    config, root = teacher_and_pairs
+    config = _student(config, 'reflow', online_teacher=str(root / 'teacher'), online_sampler='euler@4')
+    reflow.run(config, str(tmp_path))
+    assert checkpoint.is_exported(tmp_path)
+
+
+def test_distill_k_steps_trains(teacher_and_pairs, tmp_path):
+    config, root = teacher_and_pairs
+    config = _student(config, 'distill', couplings=str(root / 'pairs'), init=str(root / 'teacher'), k=4,
+                      loss='pseudo_huber')
+    distill.run(config, str(tmp_path))
+    assert checkpoint.is_exported(tmp_path)
+
+
+@pytest.mark.parametrize('method, section, message', [
+    ('reflow', {}, 'reflow.couplings'),
+    ('reflow', {'couplings': 'PAIRS', 'online_teacher': 'TEACHER'}, 'set one, not both'),
+    ('reflow', {'online_teacher': 'TEACHER', 'online_sampler': 'rk45'}, 'fixed-step'),
+    ('reflow', {'couplings': 'PAIRS', 'init': 'nowhere'}, 'nowhere'),
+    ('distill', {'couplings': 'PAIRS', 'init': 'TEACHER', 'k': 0}, 'distill.k=0'),
+    ('distill', {'couplings': 'PAIRS', 'init': 'TEACHER', 'loss': 'l7'}, 'distill.loss'),
+    ('distill', {'couplings': 'PAIRS'}, 'distill.init'),
+])
+def test_config_errors(teacher_and_pairs, tmp_path, method, section, message):
+    config, root = teacher_and_pairs
+    paths = {'PAIRS': str(root / 'pairs'), 'TEACHER': str(root / 'teacher')}
+    config = _student(config, method, **{k: paths.get(v, v) for k, v in section.items()})
+    with pytest.raises(errors.UserError, match=message):
+        {'reflow': reflow.run, 'distill': distill.run}[method](config, str(tmp_path))
+
+
+def test_student_shape_must_match_init(teacher_and_pairs, tmp_path):
+    config, root = teacher_and_pairs
+    config = _student(config, 'reflow', couplings=str(root / 'pairs'), init=str(root / 'teacher'))
+    config.model.features = (8,)
+    with pytest.raises(errors.ConfigError, match='differs from model'):
+        reflow.run(config, str(tmp_path))
