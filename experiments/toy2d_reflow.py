@@ -35,12 +35,12 @@ def _stage(method, arg):
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, runlocal=False, target='moons', pairs=20_000)
+    arg = configs.parse_arg(arg, runlocal=False, target='moons', pairs=10_000)
     pairs = 512 if arg.runlocal else arg.pairs
     steps = 40 if arg.runlocal else None
 
     teacher = _stage('rf', arg)
-    teacher.train.steps = steps or 5000
+    teacher.train.steps = steps or 4000
     teacher.train.lr = 2e-3
 
     couplings = _stage('generate', arg)
@@ -53,7 +53,7 @@ def get_config(arg=None):
     reflow = _stage('reflow', arg)
     reflow.reflow.couplings = 'couplings'
     reflow.reflow.init = 'teacher'
-    reflow.train.steps = steps or 4000
+    reflow.train.steps = steps or 3000
     reflow.train.lr = 1e-3
 
     distill = _stage('distill', arg)
@@ -61,7 +61,7 @@ def get_config(arg=None):
     distill.distill.init = 'reflow'
     distill.distill.k = 1
     distill.distill.loss = 'l2'
-    distill.train.steps = steps or 2000
+    distill.train.steps = steps or 1500
     distill.train.lr = 5e-4
 
     evaluate = _stage('evaluate', arg)
