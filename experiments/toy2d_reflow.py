@@ -24,14 +24,7 @@ def _stage(method, arg):
     c.train.log_every = 500
     c.train.checkpoint_every = 2000
     c.eval.samplers = ()  # the pipeline's `evaluate` stage compares all models at the end
-    if arg.runlocal:
-        c.model.features = (32, 32)
-        c.train.batch_size = 64
-        c.train.log_every = 10
-        c.train.checkpoint_every = 20
-        c.eval.num_samples = 256
-        c.eval.straightness_steps = 16
-    return c
+    return configs.shrink_toy2d_for_local(c) if arg.runlocal else c
 
 
 def get_config(arg=None):

@@ -28,12 +28,6 @@ def get_config(arg=None):
     config.train.checkpoint_every = 2000
 
     if arg.runlocal:
-        config.model.features = (32, 32)
-        config.train.steps = 40
-        config.train.batch_size = 64
-        config.train.log_every = 10
-        config.train.checkpoint_every = 20
-        config.eval.num_samples = 256
+        configs.shrink_toy2d_for_local(config)
         config.eval.samplers = ('euler@1', 'euler@4', 'heun@2', 'rk45')
-        config.eval.straightness_steps = 16
     return config

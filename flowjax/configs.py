@@ -85,6 +85,18 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def shrink_toy2d_for_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `runlocal` sizes of a toy-2D config: seconds on a CPU, for tests."""
+    c.model.features = (32, 32)
+    c.train.steps = 40
+    c.train.batch_size = 64
+    c.train.log_every = 10
+    c.train.checkpoint_every = 20
+    c.eval.num_samples = 256
+    c.eval.straightness_steps = 16
+    return c
+
+
 def pipeline(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A pipeline config running the given stage configs in order (see flowjax/pipeline.py)."""
     c = ml_collections.ConfigDict()
