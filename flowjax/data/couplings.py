@@ -19,9 +19,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from flowjax import errors, sharding
+from flowjax.data import stream
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -30,7 +31,6 @@ DTYPES: dict[str, Any] = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
 IDENTITY_FIELDS = ('version', 'teacher', 'teacher_step', 'data', 'sampler', 'rtol', 'atol', 'direction', 'seed',
                    'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps')
 _PAIR_FIELDS = ('x0', 'x1')
-_SHUFFLE_SALT = 0x5EED
 
 
 def num_shards(num_pairs: int, shard_size: int) -> int:
@@ -182,42 +182,15 @@ def open_store(path: str | epath.Path, expect: dict | None = None) -> Store:
 
 
 class CouplingBatches:
-    """Stateless shuffled batches: global batch `step` is rows [step * B, (step + 1) * B) of the
-    stream perm_0 ++ perm_1 ++ ..., perm_e a permutation of all pairs drawn from (seed, e);
-    process p of P gets rows [p B / P, (p + 1) B / P) of it. Each epoch visits every pair once."""
+    """Stateless shuffled batches of stored pairs, in the order of `stream.ShuffledStream`."""
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *,
                  process_index: int | None = None, process_count: int | None = None):
         self._arrays = arrays
-        self._n = len(arrays['x0'])
-        self._batch = batch_size
-        self._seed = seed
-        self._index = jax.process_index() if process_index is None else process_index
-        self._count = jax.process_count() if process_count is None else process_count
-        if batch_size < 1 or batch_size % self._count:
-            raise errors.ConfigError(
-                f'batch_size={batch_size}: must be a positive multiple of the process count ({self._count})')
-        self._perms: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """perm_e, the order of epoch e (the last two used are cached)."""
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self._seed, _SHUFFLE_SALT, epoch])
-            self._perms[epoch] = rng.permutation(self._n)
-        return self._perms[epoch]
-
-    def local_ids(self, step: int) -> np.ndarray:
-        """Global pair ids of this process's rows of global batch `step`."""
-        per = self._batch // self._count
-        rows = np.arange(per, dtype=np.int64) + step * self._batch + self._index * per
-        epochs, positions = np.divmod(rows, self._n)
-        ids = np.empty_like(rows)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            ids[mask] = self.permutation(int(epoch))[positions[mask]]
-        return ids
+        self._stream = stream.ShuffledStream(len(arrays['x0']), batch_size, seed,
+                                             process_index=process_index, process_count=process_count)
+        self.permutation = self._stream.permutation
+        self.local_ids = self._stream.local_ids
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: x0, x1 as float32[, label]."""
@@ -233,12 +206,4 @@ def make_batches(path: str | epath.Path, mesh: Mesh, batch_size: int, seed: int,
     """`batches(step) -> {'x0', 'x1'[, 'label']}`: global arrays sharded along the mesh's 'data' axis."""
     sharding.check_batch_size(batch_size, mesh, 'batch_size')
     store = open_store(path, expect)
-    reader = CouplingBatches(store.load(), batch_size, seed)
-    batch_sharding = NamedSharding(mesh, P('data'))
-
-    def batches(step: int) -> dict[str, jax.Array]:
-        local = reader.local_batch(step)
-        return {name: jax.make_array_from_process_local_data(batch_sharding, value)
-                for name, value in local.items()}
-
-    return batches
+    return stream.global_batches(CouplingBatches(store.load(), batch_size, seed).local_batch, mesh)

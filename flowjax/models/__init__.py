@@ -7,10 +7,11 @@ import jax
 import ml_collections
 
 from flowjax import errors
-from flowjax.models import mlp
+from flowjax.models import mlp, ncsnpp
 
 MODELS: dict[str, type[nn.Module]] = {
     'mlp': mlp.VelocityMLP,
+    'ncsnpp': ncsnpp.NCSNpp,
 }
 
 

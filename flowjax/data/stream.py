@@ -1,0 +1,70 @@
+"""The order in which a training run reads a host-side dataset, and its transfer to the mesh.
+
+Global batch `step` is rows [step * B, (step + 1) * B) of the stream perm_0 ++ perm_1 ++ ...,
+perm_e a permutation of all N rows drawn from (seed, epoch e); process p of P reads rows
+[p B / P, (p + 1) B / P) of it. The order is stateless in `step` (a resumed run needs no reader
+state), the same for any number of devices or processes, and each epoch visits every row once.
+"""
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flowjax import errors
+
+_SHUFFLE_SALT = 0x5EED
+
+
+class ShuffledStream:
+    """Row ids of this process's share of each global batch."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, *,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if batch_size < 1 or batch_size % self.process_count:
+            raise errors.ConfigError(
+                f'batch_size={batch_size}: must be a positive multiple of the process count ({self.process_count})')
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def local_rows(self) -> slice:
+        """This process's rows within a global batch."""
+        per = self.batch_size // self.process_count
+        return slice(self.process_index * per, (self.process_index + 1) * per)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """perm_e, the order of epoch e (the last two used are cached)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self.seed, _SHUFFLE_SALT, epoch])
+            self._perms[epoch] = rng.permutation(self.num_rows)
+        return self._perms[epoch]
+
+    def local_ids(self, step: int) -> np.ndarray:
+        """Dataset row ids of this process's rows of global batch `step`."""
+        rows = np.arange(self.batch_size, dtype=np.int64)[self.local_rows] + step * self.batch_size
+        epochs, positions = np.divmod(rows, self.num_rows)
+        ids = np.empty_like(rows)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            ids[mask] = self.permutation(int(epoch))[positions[mask]]
+        return ids
+
+
+def global_batches(local_batch: Callable[[int], dict[str, np.ndarray]],
+                   mesh: Mesh) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step)`: each process's rows assembled into global arrays sharded along 'data'."""
+    batch_sharding = NamedSharding(mesh, P('data'))
+
+    def batches(step: int) -> dict[str, jax.Array]:
+        return {name: jax.make_array_from_process_local_data(batch_sharding, value)
+                for name, value in local_batch(step).items()}
+
+    return batches
