@@ -98,8 +98,12 @@ class AttnBlock(nn.Module):
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
-class ResnetBlockBigGAN(nn.Module):
-    """BigGAN-style residual block; up/down sampling happens inside, on both branches."""
+class ResnetBlock(nn.Module):
+    """Residual block with time conditioning and skip rescale.
+
+    BigGAN style (`up` / `down`) resamples inside the block, on both branches; without them it
+    is the DDPM block. The skip is a 1x1 projection when the channels change or it resamples.
+    """
 
     out_ch: int | None = None
     up: bool = False
@@ -126,31 +130,6 @@ class ResnetBlockBigGAN(nn.Module):
         h = _conv(out_ch, 3, self.dtype, init_scale=self.init_scale)(h)
         if c != out_ch or self.up or self.down:
             x = _conv(out_ch, 1, self.dtype, name='skip')(x)
-        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
-
-
-class ResnetBlockDDPM(nn.Module):
-    """DDPM-style residual block (no resampling); a 1x1 skip projection when channels change."""
-
-    out_ch: int | None = None
-    dropout: float = 0.1
-    skip_rescale: bool = True
-    init_scale: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array | None, train: bool) -> jax.Array:
-        c = x.shape[-1]
-        out_ch = self.out_ch or c
-        h = nn.silu(_norm(c, self.dtype)(x))
-        h = _conv(out_ch, 3, self.dtype)(h)
-        if temb is not None:
-            h = h + _dense(out_ch, self.dtype)(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(_norm(out_ch, self.dtype)(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(out_ch, 3, self.dtype, init_scale=self.init_scale)(h)
-        if c != out_ch:
-            x = _dense(out_ch, self.dtype, name='skip')(x)
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -215,9 +194,8 @@ class NCSNpp(nn.Module):
         common = dict(dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype)
 
         def resblock(h: jax.Array, out_ch: int | None = None, up: bool = False, down: bool = False) -> jax.Array:
-            if self.resblock_type == 'biggan':
-                return ResnetBlockBigGAN(out_ch=out_ch, up=up, down=down, **common)(h, temb, train)
-            return ResnetBlockDDPM(out_ch=out_ch, **common)(h, temb, train)
+            # up / down only in the BigGAN layout; the DDPM layout resamples between blocks.
+            return ResnetBlock(out_ch=out_ch, up=up, down=down, **common)(h, temb, train)
 
         def attn(h: jax.Array) -> jax.Array:
             return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype)(h)
