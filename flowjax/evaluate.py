@@ -191,10 +191,7 @@ def evaluate_toy(config: ml_collections.ConfigDict, workdir: str | epath.Path,
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Static checks of the `evaluate` method's config."""
-    if config.data.kind != 'toy2d':
-        raise errors.ConfigError(f"data.kind={config.data.kind!r}: method 'evaluate' supports 'toy2d' in this version")
-    toy2d.distribution(config.data.target, 'data.target')
-    toy2d.distribution(config.data.source, 'data.source')
+    toy2d.check_config(config)
     parse_samplers(config)
     if not config.eval.models:
         raise errors.ConfigError("eval.models: name at least one exported model ('label=path' or a stage)")

@@ -94,6 +94,15 @@ def distribution(spec: ml_collections.ConfigDict, field: str) -> Callable[[jax.A
     return functools.partial(fn, **params)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """`config.data` names toy-2D data whose target and source distributions exist."""
+    if config.data.kind != 'toy2d':
+        raise errors.ConfigError(
+            f"data.kind={config.data.kind!r}: method {config.method!r} supports 'toy2d' in this version")
+    distribution(config.data.target, 'data.target')
+    distribution(config.data.source, 'data.source')
+
+
 def source_sampler(spec: ml_collections.ConfigDict) -> Callable[[jax.Array, tuple[int, ...]], jax.Array]:
     """Noise x0 for a method's loss: `(key, shape) -> x0`, from `data.source`."""
     sample = distribution(spec, 'data.source')

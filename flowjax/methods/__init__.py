@@ -22,15 +22,9 @@ class Context:
     apply: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)  # (params, x, t, dropout_rng=None)
     source: Callable[[jax.Array, tuple[int, ...]], jax.Array] = flax.struct.field(pytree_node=False)
     t_eps: float = flax.struct.field(pytree_node=False, default=1e-3)
-    options: Any = flax.struct.field(pytree_node=False, default=None)  # a method's FrozenConfigDict
+    options: Any = flax.struct.field(pytree_node=False, default=None)  # a method's hashable settings
     teacher_apply: Callable[..., jax.Array] | None = flax.struct.field(pytree_node=False, default=None)
     teacher_params: Any = None
-
-
-def check_toy2d(config: ml_collections.ConfigDict) -> None:
-    if config.data.kind != 'toy2d':
-        raise errors.ConfigError(
-            f"data.kind={config.data.kind!r}: method {config.method!r} supports 'toy2d' in this version")
 
 
 def check_training(config: ml_collections.ConfigDict) -> None:
@@ -38,9 +32,7 @@ def check_training(config: ml_collections.ConfigDict) -> None:
 
     Touches no files, so a pipeline can check every stage before it runs the first.
     """
-    check_toy2d(config)
-    toy2d.distribution(config.data.target, 'data.target')
-    toy2d.distribution(config.data.source, 'data.source')
+    toy2d.check_config(config)
     models.build(config.model)
     train.validate(config.train, sharding.data_mesh())
     evaluate.parse_samplers(config)
@@ -61,9 +53,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, loss_fn, batches: Ca
         init_params: Any = None, options: Any = None, teacher: tuple[Any, Any] | None = None) -> dict:
     """Trains `config.model` with `loss_fn` and evaluates its EMA weights on the toy data.
 
+    The caller has checked the config (`check_training` and its own section).
     `batches(mesh)` builds the step -> global batch function; `teacher` is (module, params).
     """
-    check_training(config)
     mesh = sharding.data_mesh()
     module = models.build(config.model)
     ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source),
