@@ -68,8 +68,17 @@ def base() -> ml_collections.ConfigDict:
     c.distill.couplings = config_dict.placeholder(str)
     c.distill.init = config_dict.placeholder(str)  # the student starts from this export (or stage)
     c.distill.k = 1  # k = 1: one step from t = eps; k > 1: t on the grid {i / k}
-    c.distill.loss = 'l2'  # or 'pseudo_huber'
+    c.distill.loss = 'l2'  # or 'pseudo_huber', 'lpips' (see c.lpips)
     c.distill.huber_c = config_dict.placeholder(float)  # None: 0.00054 * dim (ALGORITHMS.md 3)
+
+    # The LPIPS distance of any loss 'lpips': torchvision's VGG16 weights file (vgg16-397923af.pth),
+    # the v0.1 linear heads (None: those inside an installed `lpips` package), the size both
+    # images are resized to first (64: SlimFlow; 224: rfpp; None: as they are) and VGG's pooling.
+    c.lpips = ml_collections.ConfigDict()
+    c.lpips.vgg_weights = config_dict.placeholder(str)
+    c.lpips.head_weights = config_dict.placeholder(str)
+    c.lpips.resize = config_dict.placeholder(int)
+    c.lpips.pool = 'max'
 
     c.eval = ml_collections.ConfigDict()
     c.eval.samplers = ('euler@1', 'euler@2', 'euler@4', 'euler@8', 'heun@4', 'rk45')
@@ -78,6 +87,12 @@ def base() -> ml_collections.ConfigDict:
     c.eval.atol = 1e-5
     c.eval.straightness_steps = 100
     c.eval.trajectories = 16
+    # Images: the Frechet metric ('fid', 'fd_digits'; None: fd_digits on digits, else fid),
+    # pytorch-fid's Inception weights file for fid, generation batch and grid size.
+    c.eval.metric = config_dict.placeholder(str)
+    c.eval.inception_weights = config_dict.placeholder(str)
+    c.eval.batch_size = 256
+    c.eval.grid = 64
     # method 'evaluate': exports to compare (stage names or 'label=path'), and a coupling store
     # whose pair count and NFE go into the report.
     c.eval.models = ()

@@ -2,8 +2,8 @@
 
 Toy 2D: sample with each ODE sampler from a fixed source batch, compare to
 held-out data (exact W2, energy distance), measure straightness, and write
-`report.json`, `report.md` and `samples.png`. Image metrics (FID) are a
-separate section added later.
+`report.json`, `report.md` and `samples.png`. Images: FID / fd_digits and sample
+grids, in image_eval.py. `evaluate` picks by `data.kind`.
 """
 
 import functools
@@ -24,7 +24,7 @@ from etils import epath
 from scipy import spatial
 
 from flowjax import errors
-from flowjax.data import toy2d
+from flowjax.data import datasets, toy2d
 from flowjax.flows import solvers
 
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -39,6 +39,9 @@ LEGEND = (
     '(n): NFE; straightness: mean over t of E||(z1 - z0) - v(z_t, t)||^2 on an Euler path '
     '(RF), straightness_norm: same with the norm (SlimFlow); '
     'w2_data / energy_data: held-out data vs a second held-out sample (the noise floor). '
+    'Images: fid (Inception-v3 features, pytorch-fid weights) or fd_digits (features of the '
+    'shipped digits classifier): Frechet distance of the samples to the statistics of the whole '
+    'dataset; fid_data / fd_digits_data: the same for as many real images (the floor). '
     'Lower is better everywhere.')
 
 # ----------------------------------------------------------------------------
@@ -72,7 +75,7 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     return max(float(value), 0.0)
 
 
-def _path_straightness(xs: np.ndarray, vs: np.ndarray, duration: float) -> dict[str, float]:
+def path_straightness(xs: np.ndarray, vs: np.ndarray, duration: float) -> dict[str, float]:
     """Straightness of Euler paths xs (S+1, B, ...) with step velocities vs (S, B, ...).
 
     The chord (z1 - z0) is divided by the path's duration so that it is the mean
@@ -91,11 +94,11 @@ def straightness(velocity: Velocity, x0: np.ndarray, *, steps: int = 100,
     """Mean over an Euler grid on [eps, 1] of ||(z1 - z0) - v_t||^2 and of its norm."""
     path = jax.jit(functools.partial(solvers.trajectory, velocity, steps=steps, t0=eps, t1=1.0))
     xs, vs = path(jnp.asarray(x0, jnp.float32))
-    return _path_straightness(xs, vs, 1.0 - eps)
+    return path_straightness(xs, vs, 1.0 - eps)
 
 
 @functools.cache
-def _model_path(apply: Apply, steps: int, eps: float) -> Callable:
+def model_path(apply: Apply, steps: int, eps: float) -> Callable:
     """Jitted `fn(params, x) -> (xs, vs)`: the Euler path from eps to 1, params traced."""
 
     @jax.jit
@@ -148,11 +151,11 @@ def evaluate_models(models: Mapping[str, tuple[Apply, Any]], *, source: np.ndarr
             entry[spec.key] = _sample_metrics(x1, data, int(nfe))
             samples[spec.key] = x1
             logging.info('evaluate %s %s: %s', name, spec.key, entry[spec.key])
-        xs, vs = _model_path(apply, straightness_steps, eps)(params, x0)
-        entry.update({k: _finite(v) for k, v in _path_straightness(xs, vs, 1.0 - eps).items()})
+        xs, vs = model_path(apply, straightness_steps, eps)(params, x0)
+        entry.update({k: _finite(v) for k, v in path_straightness(xs, vs, 1.0 - eps).items()})
         entry.update(baseline)
         results[name] = entry
-        paths, _ = _model_path(apply, _PLOT_TRAJECTORY_STEPS, eps)(params, x0[:trajectory_count])
+        paths, _ = model_path(apply, _PLOT_TRAJECTORY_STEPS, eps)(params, x0[:trajectory_count])
         plots[name] = (samples, np.asarray(paths))
 
     report = {**read_report(workdir), **results}
@@ -189,10 +192,29 @@ def evaluate_toy(config: ml_collections.ConfigDict, workdir: str | epath.Path,
         rtol=config.eval.rtol, atol=config.eval.atol)
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+             models: Mapping[str, tuple[Apply, Any]]) -> dict:
+    """Scores models on `config.data`: toy 2D point clouds, or images (FID / fd_digits)."""
+    if config.data.kind == 'image':
+        from flowjax import image_eval
+
+        return image_eval.evaluate_images(config, workdir, models)
+    return evaluate_toy(config, workdir, models)
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Static checks of the data and evaluation fields a training method evaluates with."""
+    datasets.check(config)
+    parse_samplers(config)
+    if config.data.kind == 'image':
+        from flowjax import image_eval
+
+        image_eval.check(config)
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Static checks of the `evaluate` method's config."""
-    toy2d.check_config(config)
-    parse_samplers(config)
+    check_data(config)
     if not config.eval.models:
         raise errors.ConfigError("eval.models: name at least one exported model ('label=path' or a stage)")
 
@@ -211,9 +233,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for entry in config.eval.models:
         label, sep, path = ('', '', entry) if epath.Path(entry).exists() else entry.partition('=')
         path = path if sep else entry
-        module, params, _ = methods.load_model(path, 'eval.models')
-        loaded[label if sep else epath.Path(path).name] = (models.apply_fn(module), params)
-    report = evaluate_toy(config, epath.Path(workdir), loaded)
+        module, params, meta = methods.load_model(path, 'eval.models')
+        classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
+        conditional = (classes,) if classes else ()
+        loaded[label if sep else epath.Path(path).name] = (models.apply_fn(module), params, *conditional)
+    report = evaluate(config, epath.Path(workdir), loaded)
     if config.eval.couplings:
         from flowjax.data import couplings
 
@@ -270,18 +294,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """One table per metric: rows are models, columns sampler keys, cells 'value (NFE)'."""
     info = {name: entry for name, entry in report.items() if name in INFO_SECTIONS}
     report = {name: entry for name, entry in report.items() if name not in INFO_SECTIONS}
-    keys = []
+    keys, metrics, scalars = [], [], []
     for entry in report.values():
-        keys += [k for k, v in entry.items() if isinstance(v, dict) and k not in keys]
+        for k, v in entry.items():
+            if isinstance(v, dict):
+                keys += [k] if k not in keys else []
+                metrics += [m for m in v if m != 'nfe' and m not in metrics]
+            elif k not in scalars:
+                scalars.append(k)
     lines = ['# Evaluation report', '', LEGEND, '']
-    for metric in ('w2', 'energy'):
+    for metric in metrics:
         rows = []
         for name, entry in report.items():
-            cells = [f'{_fmt(entry[k][metric])} ({entry[k]["nfe"]})' if k in entry else '-'
+            cells = [f'{_fmt(entry[k].get(metric))} ({entry[k]["nfe"]})' if k in entry else '-'
                      for k in keys]
             rows.append([name] + cells)
         lines += [f'## {metric}', ''] + _table(['model'] + keys, rows) + ['']
-    scalars = ('straightness', 'straightness_norm', 'w2_data', 'energy_data')
     rows = [[name] + [_fmt(entry.get(k)) for k in scalars] for name, entry in report.items()]
     lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
     for name, entry in info.items():
@@ -334,6 +362,11 @@ def _plot_samples(path: epath.Path, results: Mapping[str, dict], plots: Mapping[
             ax.tick_params(labelsize=7)
         for ax in row[len(keys) + 1:]:
             ax.axis('off')
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: epath.Path, title: str = '') -> None:
+    """Writes a matplotlib figure as PNG (local or bucket path), with an optional title."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -26,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flowjax import checkpoint, errors, models, sharding, writers
-from flowjax.data import couplings, toy2d
+from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
 
 DIRECTIONS = ('backward', 'forward')  # backward: noise -> teacher data; forward: real data -> noise
@@ -39,7 +40,7 @@ class Endpoints:
     """Per-example on-device samplers of a data kind: `noise` (x0) and real `data` (x1)."""
     shape: tuple[int, ...]
     noise: Draw
-    data: Draw
+    data: Draw | None  # None: this kind has no forward (data -> noise) pairs
     spec: dict  # the data fields the pairs depend on, recorded in the manifest
 
 
@@ -51,9 +52,19 @@ def _toy2d_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpo
                      spec={'kind': 'toy2d', **{k: v.to_dict() for k, v in used.items()}})
 
 
-# data.kind -> endpoints; images add their source here (and a real-data reader for `forward`).
+def _image_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpoints:
+    if direction != 'backward':
+        raise errors.ConfigError("generate.direction='forward' (real images -> noise) is not supported for "
+                                 "data.kind='image' yet; use 'backward'")
+    shape = datasets.sample_shape(config)
+    return Endpoints(shape=shape, noise=lambda key: jax.random.normal(key, shape), data=None,
+                     spec={'kind': 'image', 'shape': list(shape)})
+
+
+# data.kind -> endpoints.
 DATA_KINDS: dict[str, Callable[[ml_collections.ConfigDict, str], Endpoints]] = {
     'toy2d': _toy2d_endpoints,
+    'image': _image_endpoints,
 }
 
 
@@ -65,6 +76,7 @@ class Job:
     sampler: solvers.Sampler
     endpoints: Endpoints
     manifest: dict
+    classes: int  # > 0: a class-conditional teacher; pair i gets a uniform label drawn from (seed, i)
 
 
 def _teacher_path(teacher: str) -> str:
@@ -116,6 +128,7 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         raise errors.ConfigError(f'generate.teacher: {teacher} makes samples of shape {meta["sample_shape"]}, '
                                  f'data.kind={config.data.kind!r} has shape {list(endpoints.shape)}')
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
+    classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
     manifest = {
         'version': couplings.FORMAT_VERSION, 'teacher': teacher, 'teacher_step': meta.get('step'),
         'data': endpoints.spec, 'sampler': sampler.key,
@@ -123,24 +136,28 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         'atol': sampler.atol if sampler.name == 'rk45' else None,
         'direction': cfg.direction, 'seed': config.seed, 'num_pairs': cfg.num_pairs,
         'shard_size': cfg.shard_size, 'dtype': cfg.dtype, 'shape': list(endpoints.shape), 't_eps': t_eps,
-        'complete': False, 'mean_nfe': None,
+        'num_classes': classes, 'complete': False, 'mean_nfe': None,
     }
-    return Job(json.dumps(meta['model'], sort_keys=True), params, sampler, endpoints, manifest)
+    return Job(json.dumps(meta['model'], sort_keys=True), params, sampler, endpoints, manifest, classes)
 
 
 @functools.lru_cache(maxsize=16)
 def _pair_solver(model: str, sampler: solvers.Sampler, t0: float, t1: float, mesh: Mesh):
-    """Jitted `(params, x) -> (x_end, nfe)`: each device solves its rows one pair at a time (vmap)."""
-    apply = models.apply_fn(models.build(ml_collections.ConfigDict(json.loads(model))))
+    """Jitted `(params, x, label) -> (x_end, nfe)`: each device solves its rows one pair at a time
+    (vmap); `label` is used only by a class-conditional model."""
+    config = ml_collections.ConfigDict(json.loads(model))
+    apply = models.apply_fn(models.build(config))
+    conditional = models.num_classes(config) > 0
 
-    def local(params, x):
-        def one(x_i):
-            y, nfe = solvers.solve(functools.partial(apply, params), x_i[None], sampler, t0=t0, t1=t1)
+    def local(params, x, label):
+        def one(x_i, label_i):
+            velocity = functools.partial(apply, params, label=label_i[None] if conditional else None)
+            y, nfe = solvers.solve(velocity, x_i[None], sampler, t0=t0, t1=t1)
             return y[0], nfe
 
-        return jax.vmap(one)(x)
+        return jax.vmap(one)(x, label)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data')),
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data'), P('data')),
                                  out_specs=(P('data'), P('data')), check_vma=False))
 
 
@@ -148,6 +165,12 @@ def _start_drawer(draw: Draw, mesh: Mesh):
     """Jitted `(key, ids) -> x`: example i drawn from fold_in(key, i), on the device holding row i."""
     local = lambda key, ids: jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(ids)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data')))
+
+
+def _label_drawer(classes: int, mesh: Mesh):
+    """Jitted `(key, ids) -> labels`: pair i's class drawn uniformly from fold_in(key, i) (0 if none)."""
+    draw = (lambda key: jax.random.randint(key, (), 0, classes)) if classes else (lambda key: jnp.int32(0))
+    return _start_drawer(draw, mesh)
 
 
 def start_key(seed: int, direction: str) -> jax.Array:
@@ -200,7 +223,21 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     if pi == 0:
         _finish(out, stored, total, nfe_sums)
     _sync('flowjax-generate-finish')
+    if pi == 0 and config.data.kind == 'image' and todo:
+        _save_pair_grid(out, couplings.read_manifest(out))
     return _summary(couplings.read_manifest(out), total, len(todo), started)
+
+
+def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
+    """`couplings.png`: the first pairs of shard 0, noise x0 beside the teacher's x1."""
+    from flowjax import image_eval
+
+    if 0 not in couplings.present_shards(out, 1):
+        return
+    pairs = couplings.read_shard(out, 0, manifest, names=('x0', 'x1'))
+    x0 = np.clip(np.asarray(pairs['x0'][:count], np.float32) / 3.0, -1, 1)  # noise shown at std 1/3
+    image_eval.save_grids(out / 'couplings.png', {'pairs': {'x0 (noise / 3)': x0, 'x1 (teacher)': pairs['x1'][:count]}},
+                          None, title=f"couplings: {manifest['sampler']}")
 
 
 def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epath.Path, todo: list[int],
@@ -212,6 +249,7 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
     solve = _pair_solver(job.model, job.sampler, eps if backward else 1.0, 1.0 if backward else eps, mesh)
     draw = _start_drawer(job.endpoints.noise if backward else job.endpoints.data, mesh)
     key = start_key(job.manifest['seed'], cfg.direction)
+    draw_label, label_key = _label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)
     params = jax.device_put(job.params, NamedSharding(mesh, P()))
     rows = min(cfg.batch_size, -(-cfg.shard_size // mesh.size) * mesh.size)
     row_sharding = NamedSharding(mesh, P('data'))
@@ -221,8 +259,9 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
         pending = []
         for start in range(lo, hi, rows):
             ids = np.minimum(np.arange(start, start + rows), hi - 1).astype(np.int32)  # pad with the last pair
-            x_start = draw(key, jax.device_put(ids, row_sharding))
-            pending.append((hi - start, x_start, *solve(params, x_start)))
+            ids = jax.device_put(ids, row_sharding)
+            x_start, label = draw(key, ids), draw_label(label_key, ids)
+            pending.append((hi - start, x_start, label, *solve(params, x_start, label)))
         return pending
 
     nfe_sums = {}
@@ -230,7 +269,7 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
     last = time.monotonic()
     for n, k in enumerate(todo):
         fetched = [[np.asarray(a)[:valid] for a in arrays] for valid, *arrays in queue]
-        x_start, x_end, nfe = (np.concatenate(parts) for parts in zip(*fetched))
+        x_start, label, x_end, nfe = (np.concatenate(parts) for parts in zip(*fetched))
         if n + 1 < len(todo):
             queue = dispatch(todo[n + 1])
         bad = int(np.sum(~np.isfinite(x_end).reshape(len(x_end), -1).all(axis=1)))
@@ -240,8 +279,10 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
                 'non-finite values, e.g. rk45 hit max_steps); loosen generate.rtol/atol or use euler@N')
         lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
         x0, x1 = (x_start, x_end) if backward else (x_end, x_start)
-        couplings.write_shard(out, k, {'x0': x0, 'x1': x1, 'index': np.arange(lo, hi, dtype=np.int64),
-                                       'nfe': nfe.astype(np.int32)}, cfg.dtype)
+        arrays = {'x0': x0, 'x1': x1, 'index': np.arange(lo, hi, dtype=np.int64), 'nfe': nfe.astype(np.int32)}
+        if job.classes:
+            arrays['label'] = label.astype(np.int32)
+        couplings.write_shard(out, k, arrays, cfg.dtype)
         nfe_sums[k] = (int(nfe.sum()), len(nfe))
         seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
         progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,

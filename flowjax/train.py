@@ -113,12 +113,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
             params = given
         else:
             dummy = jnp.zeros((1, *sample_shape), jnp.float32)
-            params = module.init(key, dummy, jnp.zeros((1,), jnp.float32))
+            label = (jnp.zeros((1,), jnp.int32),) if config.model.get('num_classes') else ()
+            params = module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
         # The EMA starts equal to the params but must be its own buffer: the step donates both.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
 
-    init_key = jax.random.fold_in(root, 0)
+    # Initialisation draws from the rbg generator: XLA compiles threefry for every parameter
+    # separately, which takes minutes on a CPU for a U-Net (rbg: seconds). Params are replicated,
+    # so the values do not depend on the device count.
+    init_key = jax.random.key(config.seed, impl='rbg')
     abstract = jax.eval_shape(init, init_key, init_params)
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -1,13 +1,17 @@
 """Image datasets: sources, one-line errors, and stateless sharded batches with flips."""
 
+import io
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
+import mock_tfds
 from flowjax import errors, sharding
-from flowjax.data import images
+from flowjax.data import images, tfds_images
 
 
 def _one_line(excinfo) -> str:
@@ -145,3 +149,148 @@ def test_flip():
     assert 0.35 < np.mean(counts) / 40 < 0.65
     other = images.ImageBatches(x, None, 40, seed=2, process_index=0, process_count=1)
     assert not np.array_equal(other.local_flips(0), reader.local_flips(0))
+
+
+# tfds sources: real array_record files written without TensorFlow (mock_tfds), and tfds' mock data.
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+    """A data_dir with fake cifar10 (40 train images), imagenet_resized/64x64 and downsampled_imagenet/64x64."""
+    data_dir = tmp_path_factory.mktemp('tfds')
+    mock_tfds.write_fake_dataset(data_dir, 'cifar10', num_examples=40)
+    for name in ('imagenet_resized/64x64', 'downsampled_imagenet/64x64'):
+        mock_tfds.write_fake_dataset(data_dir, name, num_examples=6, splits=('train',))
+    return str(data_dir)
+
+
+def _tfds(data_dir, dataset='cifar10', **params):
+    return images.load(ml_collections.ConfigDict({'name': 'tfds', 'dataset': dataset, 'data_dir': data_dir, **params}))
+
+
+def test_tfds_cifar10(tfds_dir):
+    x, y = _tfds(tfds_dir)
+    assert isinstance(x, tfds_images.TfdsImages) and len(x) == 40 and x.shape == (32, 32, 3)
+    batch = x.take(np.array([3, 0, 39, 3]))
+    assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.float32
+    assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.min() < -0.99 and batch.max() > 0.99
+    np.testing.assert_array_equal(batch[0], batch[3])
+    labels = y[np.arange(40)]
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9 and len(np.unique(labels)) > 3
+    assert len(y) == y.size == 40 and y.max() == 9 and x.num_classes == 10
+    np.testing.assert_array_equal(y[35:], labels[35:])
+    images_, labels_ = x.read(np.arange(40), labels=True)
+    np.testing.assert_array_equal(labels_, labels)
+    # The same pixels and labels as tfds' own decoding of the records.
+    reference = tfds.data_source('cifar10', split='train', data_dir=tfds_dir, download=False)
+    for i in (0, 17, 39):
+        np.testing.assert_array_equal(x.read_uint8([i])[0], reference[i]['image'])
+        np.testing.assert_array_equal(images_[i], images.ArrayImages(
+            reference[i]['image'][None].astype(np.float32) / 127.5 - 1.0).take([0])[0])
+        assert labels[i] == reference[i]['label']
+    test, _ = _tfds(tfds_dir, split='test[:10]')
+    assert len(test) == 10
+
+
+def test_tfds_imagenet_64(tfds_dir):
+    x, y = _tfds(tfds_dir, 'imagenet_resized/64x64')
+    assert x.shape == (64, 64, 3) and len(x) == 6 and y.max() == 999 and y[np.arange(6)].max() <= 999
+    x, y = _tfds(tfds_dir, 'downsampled_imagenet/64x64')  # No label feature: no labels.
+    assert x.shape == (64, 64, 3) and y is None and x.labels is None
+    assert x.take(np.arange(6)).shape == (6, 64, 64, 3)
+    with pytest.raises(errors.UserError, match='no labels') as excinfo:
+        x.read(np.arange(2), labels=True)
+    _one_line(excinfo)
+
+
+def test_tfds_mock_data():
+    """tfds.testing.mock_data serves data_source without files (random examples) and without TensorFlow."""
+    with tfds.testing.mock_data(num_examples=24):
+        x, y = images.load(ml_collections.ConfigDict({'name': 'tfds', 'dataset': 'cifar10'}))
+        assert len(x) == 24 and x.shape == (32, 32, 3) and y.max() == 9
+        out, labels = x.read(np.arange(24), labels=True)
+        assert out.dtype == np.float32 and -1.0 <= out.min() and out.max() <= 1.0
+        assert labels.dtype == np.int32 and 0 <= labels.min() and labels.max() <= 9
+        batch = images.ImageBatches(x, y, 8, seed=0, process_index=0, process_count=1).local_batch(1)
+        assert batch['x1'].shape == (8, 32, 32, 3) and batch['label'].shape == (8,)
+
+
+def test_tfds_batches_deterministic_and_per_process(tfds_dir):
+    x, y = _tfds(tfds_dir)
+    one = [images.ImageBatches(x, y, 16, seed=4, process_index=0, process_count=1) for _ in range(2)]
+    two = [images.ImageBatches(x, y, 16, seed=4, process_index=p, process_count=2) for p in (0, 1)]
+    for step in (0, 1, 5):
+        a, b = one[0].local_batch(step), one[1].local_batch(step)
+        assert a['x1'].shape == (16, 32, 32, 3) and a['label'].dtype == np.int32
+        for name in ('x1', 'label'):
+            np.testing.assert_array_equal(a[name], b[name])
+            np.testing.assert_array_equal(np.concatenate([r.local_batch(step)[name] for r in two]), a[name])
+    assert not np.array_equal(one[0].local_batch(0)['x1'], one[0].local_batch(1)['x1'])
+    # Rows, labels and flips as for the same images in memory.
+    memory = images.ImageBatches(x.take(np.arange(len(x))), y[np.arange(len(x))], 16, seed=4,
+                                 process_index=0, process_count=1)
+    for step in range(4):
+        a, b = one[0].local_batch(step), memory.local_batch(step)
+        np.testing.assert_array_equal(one[0].local_flips(step), memory.local_flips(step))
+        for name in ('x1', 'label'):
+            np.testing.assert_array_equal(a[name], b[name])
+    unlabeled = images.ImageBatches(x, None, 16, seed=4, process_index=0, process_count=1).local_batch(0)
+    assert set(unlabeled) == {'x1'}
+
+
+def test_tfds_make_batches_prefetched(tfds_dir):
+    x, y = _tfds(tfds_dir)
+    mesh = sharding.data_mesh()
+    ahead = images.make_batches(x, y, mesh, 16, seed=2)
+    plain = images.make_batches(x, y, mesh, 16, seed=2, prefetch=0)
+    for step in (0, 1, 2, 7, 8, 3):  # In order, then jumps (a resumed run).
+        a, b = ahead(step), plain(step)
+        assert a['x1'].shape == (16, 32, 32, 3) and len(a['x1'].sharding.device_set) == 8
+        for name in ('x1', 'label'):
+            np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+
+
+def test_tfds_errors(tfds_dir, tmp_path):
+    cases = [
+        ({'dataset': 'cifar10', 'data_dir': str(tmp_path / 'empty')},
+         r"'cifar10' is not prepared in .*empty.*tfds build cifar10 --file_format=array_record"),
+        ({'dataset': 'cifar10', 'data_dir': tfds_dir, 'split': 'validation'}, 'Unknown split'),
+        ({'dataset': 'no_such_dataset', 'data_dir': tfds_dir}, 'no_such_dataset'),
+        ({'dataset': 'imagenet_resized/65x65', 'data_dir': tfds_dir}, '65x65'),
+        ({'dataset': 'cifar10', 'data_dir': tfds_dir, 'image_key': 'pixels'}, "no feature 'pixels'"),
+    ]
+    for params, match in cases:
+        with pytest.raises(errors.UserError, match=match) as excinfo:
+            images.load(ml_collections.ConfigDict({'name': 'tfds', **params}))
+        _one_line(excinfo)
+    mock_tfds.write_fake_dataset(tmp_path / 'tfrecord', 'cifar10', num_examples=2, file_format='tfrecord')
+    with pytest.raises(errors.UserError, match="tfrecord format.*file_format='array_record'") as excinfo:
+        _tfds(str(tmp_path / 'tfrecord'))
+    _one_line(excinfo)
+
+
+@pytest.mark.parametrize('spec, match', [
+    ({'name': 'tfds'}, r'data\.image\.dataset: required'),
+    ({'name': 'tfds', 'dataset': 'cifar10', 'size': 32}, r'data\.image\.size: not a parameter'),
+])
+def test_tfds_config_errors(spec, match):
+    with pytest.raises(errors.ConfigError, match=match) as excinfo:
+        images.load(ml_collections.ConfigDict(spec))
+    _one_line(excinfo)
+
+
+def test_mock_cifar10_is_the_default_data_dir():
+    with mock_tfds.mock_cifar10(num_examples=12) as data_dir:
+        x, y = images.load(ml_collections.ConfigDict({'name': 'tfds', 'dataset': 'cifar10', 'split': 'train'}))
+        assert len(x) == 12 and x.shape == (32, 32, 3) and y.max() == 9
+        assert len(_tfds(data_dir, split='test')[0]) == 12
+
+
+@pytest.mark.parametrize('mode, channels', [('RGB', 3), ('L', 1), ('RGBA', 4), ('L', 3)])
+def test_decode_image(mode, channels):
+    """PNG bytes -> uint8 (H, W, C), through OpenCV where installed, else Pillow: the same pixels."""
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, len(mode)), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if mode == 'L' else pixels, mode).save(buf, format='png')
+    out = tfds_images._decode_image(buf.getvalue(), channels)
+    assert out.shape == (5, 7, channels) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.repeat(pixels, channels // len(mode), axis=-1))

@@ -41,7 +41,7 @@ def test_distill_loss_is_zero_for_the_coupling_velocity(k, distance):
     x0 = jax.random.normal(jax.random.key(0), (16, 2))
     x1 = x0 + jnp.array([3.0, -1.0])
 
-    def apply(params, x, t, rng=None):  # the straight coupling's velocity: a constant shift
+    def apply(params, x, t, rng=None, label=None):  # the straight coupling's velocity: a constant shift
         return jnp.broadcast_to(params['shift'], x.shape)
 
     batch = {'x0': x0, 'x1': x1}
@@ -55,7 +55,7 @@ def test_distill_loss_is_zero_for_the_coupling_velocity(k, distance):
 def test_one_step_distill_starts_from_noise_at_eps():
     seen = {}
 
-    def apply(params, x, t, rng=None):
+    def apply(params, x, t, rng=None, label=None):
         seen['x'], seen['t'] = x, t
         return jnp.zeros_like(x)
 
@@ -70,7 +70,7 @@ def test_rf_loss_uses_stored_pairs_when_given():
     x0 = jax.random.normal(jax.random.key(0), (32, 2))
     x1 = 2.0 * x0 + 1.0
 
-    def apply(params, x, t, rng=None):  # exact velocity of this deterministic coupling
+    def apply(params, x, t, rng=None, label=None):  # exact velocity of this deterministic coupling
         t = t[:, None]
         x0_hat = (x - t) / (1.0 + t)  # x_t = (1 - t) x0 + t (2 x0 + 1)
         return x0_hat + 1.0

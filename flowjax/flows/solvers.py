@@ -199,13 +199,15 @@ def trajectory(velocity: Velocity, x: jax.Array, *, steps: int, t0: float,
     return jnp.concatenate([x[None], xs], axis=0), vs
 
 
+@functools.lru_cache(maxsize=64)
 def make_sampler(apply: Apply, sampler: Sampler, *, eps: float = 1e-3,
                  inverse: bool = False
                  ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
     """Returns jitted `fn(params, x) -> (x_out, nfe)` for a model `apply`.
 
     params are a traced argument (not closed over), so weights are not baked
-    into the executable and one compilation serves every set of params.
+    into the executable and one compilation serves every set of params (and, cached,
+    every model with the same `apply`).
     """
     run = invert if inverse else sample
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from flowjax import errors, methods
-from flowjax.data import couplings
-from flowjax.flows import losses, paths
+from flowjax.data import couplings, datasets
+from flowjax.flows import paths
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
@@ -21,10 +21,9 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
     i = jax.random.randint(k_i, (x0.shape[0],), 0, k) if k > 1 else jnp.zeros((x0.shape[0],), jnp.int32)
     t = i.astype(jnp.float32) / k
     x_t = paths.linear(x0, x1, t)
-    v = ctx.apply(params, x_t, jnp.maximum(t, ctx.t_eps), k_drop)
+    v = ctx.apply(params, x_t, jnp.maximum(t, ctx.t_eps), k_drop, label=ctx.label(batch))
     x1_hat = x_t + paths.broadcast_time(1.0 - t, x_t) * v
-    per_example = losses.PER_EXAMPLE[distance](x1_hat, x1, c)
-    return jnp.mean(per_example), {}
+    return jnp.mean(ctx.distance(distance, x1_hat, x1, c)), {}
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -32,9 +31,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     cfg = config.distill
     if not isinstance(cfg.k, int) or cfg.k < 1:
         raise errors.ConfigError(f'distill.k={cfg.k}: must be an integer >= 1')
-    if cfg.loss not in losses.PER_EXAMPLE:
-        raise errors.ConfigError(
-            f"distill.loss={cfg.loss!r}: expected one of {', '.join(losses.PER_EXAMPLE)}")
+    methods.check_distance(config, 'distill.loss')
     if not cfg.couplings:
         raise errors.ConfigError('distill.couplings: a coupling store directory (or stage name) is required')
     if not cfg.init:
@@ -49,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def batches(mesh):
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,
-                                      expect={'shape': [2]})
+                                      expect={'shape': list(datasets.sample_shape(config))})
 
     return methods.fit(config, workdir, loss_fn=loss_fn, batches=batches, init_params=init,
-                       options=(cfg.k, cfg.loss, cfg.huber_c))
+                       options=(cfg.k, cfg.loss, cfg.huber_c), perceptual=cfg.loss == 'lpips')

@@ -6,21 +6,22 @@ import jax
 import ml_collections
 
 from flowjax import errors, methods
-from flowjax.data import couplings, toy2d
+from flowjax.data import couplings, datasets
 from flowjax.flows import solvers
 from flowjax.methods import rf
 
 
 def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
     """Pairs made on the fly: fresh noise x0, x1 = teacher ODE solve of x0 (no gradient)."""
-    x0 = batch['x0']
-    velocity = functools.partial(_teacher_velocity, ctx)
+    x0, label = batch['x0'], ctx.label(batch)
+    velocity = functools.partial(_teacher_velocity, ctx, label)
     x1, _ = solvers.sample(velocity, x0, ctx.options, eps=ctx.t_eps)  # options: the Sampler
-    return rf.loss_fn(params, {'x0': x0, 'x1': jax.lax.stop_gradient(x1)}, rng, ctx)
+    pairs = {'x0': x0, 'x1': jax.lax.stop_gradient(x1)}
+    return rf.loss_fn(params, pairs if label is None else {**pairs, 'label': label}, rng, ctx)
 
 
-def _teacher_velocity(ctx: methods.Context, x, t):
-    return ctx.teacher_apply(ctx.teacher_params, x, t)
+def _teacher_velocity(ctx: methods.Context, label, x, t):
+    return ctx.teacher_apply(ctx.teacher_params, x, t, label=label)
 
 
 def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
@@ -51,13 +52,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         module, teacher_params, _ = methods.load_model(cfg.online_teacher, 'reflow.online_teacher')
 
         def noise(mesh):
-            return toy2d.make_batches(config.data.source, mesh, config.train.batch_size, config.seed, field='x0')
+            return datasets.make_noise_batches(config, mesh, config.train.batch_size, config.seed)
 
         return methods.fit(config, workdir, loss_fn=online_loss_fn, batches=noise, init_params=init,
                            options=sampler, teacher=(module, teacher_params))
 
     def batches(mesh):
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,
-                                      expect={'shape': [2]})
+                                      expect={'shape': list(datasets.sample_shape(config))})
 
     return methods.fit(config, workdir, loss_fn=rf.loss_fn, batches=batches, init_params=init)

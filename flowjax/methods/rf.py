@@ -4,7 +4,7 @@ import jax
 import ml_collections
 
 from flowjax import methods
-from flowjax.data import toy2d
+from flowjax.data import datasets
 from flowjax.flows import losses, paths, timesteps
 
 
@@ -17,7 +17,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
     k_t, k_x0, k_drop = jax.random.split(rng, 3)
     x0 = batch['x0'] if 'x0' in batch else ctx.source(k_x0, x1.shape)
     t = timesteps.uniform(k_t, x1.shape[0], eps=ctx.t_eps)
-    v = ctx.apply(params, paths.linear(x0, x1, t), t, k_drop)
+    v = ctx.apply(params, paths.linear(x0, x1, t), t, k_drop, label=ctx.label(batch))
     return losses.l2(v, paths.linear_velocity(x0, x1)), {}
 
 
@@ -29,6 +29,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
 
     def batches(mesh):
-        return toy2d.make_batches(config.data.target, mesh, config.train.batch_size, config.seed)
+        return datasets.make_batches(config, mesh, config.train.batch_size, config.seed)
 
     return methods.fit(config, workdir, loss_fn=loss_fn, batches=batches)

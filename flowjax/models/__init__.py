@@ -1,5 +1,6 @@
 """Velocity networks, chosen by `config.model.name` through an explicit table."""
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ MODELS: dict[str, type[nn.Module]] = {
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
     """The module named by config.name, with the remaining fields as its arguments."""
-    kwargs = config.to_dict()
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.to_dict().items()}  # hashable
     name = kwargs.pop('name')
     if name not in MODELS:
         raise errors.ConfigError(f"model.name: unknown model {name!r} (expected one of {', '.join(MODELS)})")
@@ -27,12 +28,34 @@ def build(config: ml_collections.ConfigDict) -> nn.Module:
         raise errors.ConfigError(f'model: {e}') from None
 
 
-def apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
-    """The pure velocity `apply(params, x, t, dropout_rng=None)`; train mode when a dropout rng is given."""
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """The classes a model is conditioned on (0: unconditional)."""
+    return int(config.get('num_classes', 0) or 0)
 
-    def apply(params, x, t, dropout_rng=None):
+
+def apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
+    """The pure velocity `apply(params, x, t, dropout_rng=None, label=None)`.
+
+    Train mode (dropout) when a dropout rng is given; `label` (B,) int32 for class-conditional models.
+    Equal modules share one function, so jitted samplers keyed on it compile once per architecture.
+    """
+    try:
+        return _shared_apply_fn(module)
+    except TypeError:  # a module with unhashable fields gets its own
+        return _make_apply_fn(module)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
+    return _make_apply_fn(module)
+
+
+def _make_apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
+
+    def apply(params, x, t, dropout_rng=None, label=None):
+        extra = () if label is None else (label,)
         if dropout_rng is None:
-            return module.apply(params, x, t)
-        return module.apply(params, x, t, train=True, rngs={'dropout': dropout_rng})
+            return module.apply(params, x, t, *extra)
+        return module.apply(params, x, t, *extra, train=True, rngs={'dropout': dropout_rng})
 
     return apply

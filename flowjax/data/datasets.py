@@ -1,0 +1,116 @@
+"""The data a config names, behind one interface for the methods: `data.kind` 'toy2d' or 'image'.
+
+    data.kind = 'image'
+    data.image = {'name': 'digits'}          # or tfds / npz / folder (see images.py)
+    data.flip = True                          # random horizontal flip of training images
+
+Images are x1 (t = 1), NHWC in [-1, 1]; their noise x0 is a standard normal of the same shape.
+"""
+
+import functools
+import json
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from flowjax import errors
+from flowjax.data import images, toy2d
+
+KINDS = ('toy2d', 'image')
+Noise = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Static checks of `config.data` (names and parameters only: reads no files)."""
+    kind = config.data.kind
+    if kind not in KINDS:
+        raise errors.ConfigError(f"data.kind={kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == 'toy2d':
+        toy2d.check_config(config)
+        return
+    if 'image' not in config.data:
+        raise errors.ConfigError("data.image: data.kind='image' needs an image source, e.g. {'name': 'digits'}")
+    images.check_spec(config.data.image, 'data.image')
+    if config.data.source.name != 'normal' or len(config.data.source) > 1:
+        raise errors.ConfigError(f"data.source={config.data.source.to_dict()}: images use {{'name': 'normal'}} noise")
+
+
+def take(data, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of a loaded image dataset (an array or a source on disk), float32 in [-1, 1]."""
+    return images.as_source(data).take(ids)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_images(spec_json: str):
+    return images.load(ml_collections.ConfigDict(json.loads(spec_json)), 'data.image')
+
+
+def load_images(config: ml_collections.ConfigDict):
+    """(images, labels) of `config.data.image`, loaded once per process."""
+    return _load_images(config.data.image.to_json(sort_keys=True))
+
+
+def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The shape of one example: (2,) for toy 2D, (H, W, C) for images."""
+    if config.data.kind == 'toy2d':
+        return (2,)
+    return tuple(int(d) for d in images.as_source(load_images(config)[0]).shape)
+
+
+def noise(config: ml_collections.ConfigDict) -> Noise:
+    """x0 for a loss: `(key, shape) -> x0` from `config.data.source`."""
+    if config.data.kind == 'toy2d':
+        return toy2d.source_sampler(config.data.source)
+    return lambda key, shape: jax.random.normal(key, shape, jax.numpy.float32)
+
+
+def flip(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.data.get('flip', True))
+
+
+def make_batches(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
+                 seed: int) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step) -> {'x1'[, 'label']}` of real data, global arrays sharded along 'data'."""
+    if config.data.kind == 'toy2d':
+        return toy2d.make_batches(config.data.target, mesh, batch_size, seed)
+    data, labels = load_images(config)
+    classes = int(config.model.get('num_classes') or 0)
+    if classes and labels is None:
+        raise errors.UserError(f'model.num_classes={classes}: the images of data.image '
+                               f'({config.data.image.to_dict()}) have no labels')
+    if classes and labels.size and labels.max() >= classes:
+        raise errors.UserError(f'model.num_classes={classes}: data.image has label {int(labels.max())}')
+    return images.make_batches(data, labels if classes else None, mesh, batch_size, seed, flip=flip(config))
+
+
+def make_noise_batches(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
+                       seed: int) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step) -> {'x0'[, 'label']}`: noise (and uniform class labels for a conditional
+    model), drawn on device from (seed, step)."""
+    if config.data.kind == 'toy2d':
+        return toy2d.make_batches(config.data.source, mesh, batch_size, seed, field='x0')
+    shape = sample_shape(config)
+    classes = int(config.model.get('num_classes') or 0)
+    key = jax.random.fold_in(jax.random.key(seed), 0x50CE)
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+    @functools.partial(jax.jit, out_shardings=out)
+    def batch_at(step):
+        k_x, k_y = jax.random.split(jax.random.fold_in(key, step))
+        batch = {'x0': jax.random.normal(k_x, (batch_size, *shape))}
+        if classes:
+            batch['label'] = jax.random.randint(k_y, (batch_size,), 0, classes)
+        return batch
+
+    return lambda step: batch_at(jax.numpy.asarray(step, jax.numpy.int32))
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """A short name of the data for titles, e.g. 'moons' or 'digits'."""
+    if config.data.kind == 'toy2d':
+        return config.data.target.name
+    spec = config.data.image
+    return spec.get('dataset') or spec.name

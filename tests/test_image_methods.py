@@ -1,0 +1,127 @@
+"""Every method on images: the digits and CIFAR experiments end to end, class labels, LPIPS."""
+
+import json
+
+import numpy as np
+import pytest
+
+import mock_tfds
+from conftest import experiment_config
+from flowjax import errors, generate, methods
+from flowjax.data import couplings
+from flowjax.methods import distill, reflow, rf
+from flowjax.models import lpips
+from test_main import _main
+
+
+def test_digits_reflow_runlocal_end_to_end(tmp_path):
+    result = _main('--config=experiments/digits_reflow.py:runlocal', f'--workdir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / 'report.json').read_text())
+    for model in ('teacher', 'reflow', 'distill'):
+        for key in ('euler@1', 'euler@2', 'euler@4', 'euler@8'):
+            assert report[model][key]['fd_digits'] > 0 and report[model][key]['nfe'] == int(key[6:])
+        assert report[model]['fd_digits_data'] > 0 and report[model]['straightness'] >= 0
+    assert report['couplings']['pairs'] == 64
+    for name in ('report.md', 'samples.png', 'couplings/couplings.png', 'evaluate/fd_digits_stats_'):
+        matches = list(tmp_path.glob(name + '*'))
+        assert matches and matches[0].stat().st_size > 0, name
+
+
+def test_rf_cifar_runlocal_on_mock_cifar10(tmp_path):
+    config = experiment_config('rf_cifar', 'runlocal')
+    assert config.model.nf == 8 and config.data.image.dataset == 'cifar10'
+    with mock_tfds.mock_cifar10(num_examples=48) as data_dir:
+        config.data.image.data_dir = data_dir
+        report = rf.run(config, str(tmp_path))
+    assert report['rf_cifar']['euler@1'] == {'nfe': 1} and report['rf_cifar']['straightness'] > 0
+    meta = json.loads((tmp_path / 'export' / 'meta.json').read_text())
+    assert meta['sample_shape'] == [32, 32, 3]
+    assert (tmp_path / 'samples.png').exists()
+
+
+def test_rf_cifar_recipe():
+    c = experiment_config('rf_cifar')
+    assert (c.model.nf, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_resolutions),
+            c.model.dropout) == (128, (1, 2, 2, 2), 4, (16,), 0.15)
+    assert (c.train.lr, c.train.warmup_steps, c.train.grad_clip, c.train.batch_size, c.train.ema_decay) == (
+        2e-4, 5000, 1.0, 128, 0.999999)
+    assert c.data.flip and c.eval.metric == 'fid'
+    assert experiment_config('rf_cifar', 'bf16').model.dtype == 'bfloat16'
+
+
+def _digits(method, **fields):
+    c = experiment_config('digits_reflow', 'runlocal').teacher
+    c.method = method
+    c.train.steps = 4
+    c.eval.samplers = ()
+    c.model.update(fields)
+    return c
+
+
+def test_class_conditional_rf_generate_reflow(tmp_path):
+    """num_classes > 0: training on the digit labels, labelled couplings, a labelled evaluation."""
+    teacher = _digits('rf', num_classes=10)
+    rf.run(teacher, str(tmp_path / 'teacher'))
+    pairs = _digits('generate', num_classes=10)
+    pairs.generate.update(teacher=str(tmp_path / 'teacher'), num_pairs=40, batch_size=16, shard_size=24,
+                          sampler='euler@2')
+    generate.run(pairs, str(tmp_path / 'pairs'))
+    store = couplings.open_store(tmp_path / 'pairs').load()
+    assert store['label'].shape == (40,) and set(np.unique(store['label'])) <= set(range(10))
+    assert len(np.unique(store['label'])) > 3
+
+    student = _digits('reflow', num_classes=10)
+    student.reflow.couplings = str(tmp_path / 'pairs')
+    student.eval.samplers = ('euler@1',)
+    student.eval.metric = 'none'
+    report = reflow.run(student, str(tmp_path / 'reflow'))
+    assert report['reflow']['euler@1'] == {'nfe': 1}
+
+    unlabelled = _digits('rf', num_classes=10)
+    unlabelled.data.image = {'name': 'npz', 'path': str(_npz_without_labels(tmp_path))}
+    with pytest.raises(errors.UserError, match='num_classes=10.*no labels'):
+        rf.run(unlabelled, str(tmp_path / 'unlabelled'))
+
+
+def _npz_without_labels(tmp_path):
+    path = tmp_path / 'plain.npz'
+    np.savez(path, images=np.zeros((16, 8, 8), np.uint8))
+    return path
+
+
+def test_distill_with_lpips(tmp_path, monkeypatch):
+    """distill.loss='lpips' trains through the LPIPS network (random VGG weights stand in for the file)."""
+    vgg, heads = lpips.random_torch_state_dicts(0)
+    variables = lpips.params_from_torch(vgg, heads)
+
+    def load(config):
+        return lpips.distance_fn(lpips.LPIPS(resize=config.lpips.resize, pool=config.lpips.pool)), variables
+
+    monkeypatch.setattr(methods, 'load_perceptual', load)
+    teacher = _digits('rf')
+    rf.run(teacher, str(tmp_path / 'teacher'))
+    pairs = _digits('generate')
+    pairs.generate.update(teacher=str(tmp_path / 'teacher'), num_pairs=32, batch_size=16, shard_size=32,
+                          sampler='euler@2')
+    generate.run(pairs, str(tmp_path / 'pairs'))
+
+    student = _digits('distill')
+    student.distill.update(couplings=str(tmp_path / 'pairs'), init=str(tmp_path / 'teacher'), loss='lpips')
+    student.lpips.update(resize=16, pool='avg')
+    distill.run(student, str(tmp_path / 'distill'))
+    logged = [json.loads(line) for line in (tmp_path / 'distill' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(np.isfinite(m['loss']) and m['loss'] > 0 for m in logged)
+
+    student.lpips.resize = None  # 8x8 digits are too small for VGG16's four pools
+    with pytest.raises(errors.ConfigError, match='at least 16x16'):
+        distill.check(student)
+
+
+def test_lpips_without_weights_is_one_line(tmp_path):
+    student = _digits('distill')
+    student.distill.update(couplings=str(tmp_path), init=str(tmp_path), loss='lpips')
+    student.lpips.resize = 64
+    with pytest.raises(errors.UserError) as e:
+        distill.check(student)
+    assert '\n' not in str(e.value) and 'vgg16-397923af.pth' in str(e.value)
