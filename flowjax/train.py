@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors, sharding, writers
+from flowjax import checkpoint, errors, models, sharding, writers
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
             params = given
         else:
             dummy = jnp.zeros((1, *sample_shape), jnp.float32)
-            label = (jnp.zeros((1,), jnp.int32),) if config.model.get('num_classes') else ()
+            label = (jnp.zeros((1,), jnp.int32),) if models.num_classes(config.model) else ()
             params = module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
         # The EMA starts equal to the params but must be its own buffer: the step donates both.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from flowjax import errors
+from flowjax import errors, models
 from flowjax.data import images, toy2d
 
 KINDS = ('toy2d', 'image')
@@ -77,7 +77,7 @@ def make_batches(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
     if config.data.kind == 'toy2d':
         return toy2d.make_batches(config.data.target, mesh, batch_size, seed)
     data, labels = load_images(config)
-    classes = int(config.model.get('num_classes') or 0)
+    classes = models.num_classes(config.model)
     if classes and labels is None:
         raise errors.UserError(f'model.num_classes={classes}: the images of data.image '
                                f'({config.data.image.to_dict()}) have no labels')
@@ -93,7 +93,7 @@ def make_noise_batches(config: ml_collections.ConfigDict, mesh: Mesh, batch_size
     if config.data.kind == 'toy2d':
         return toy2d.make_batches(config.data.source, mesh, batch_size, seed, field='x0')
     shape = sample_shape(config)
-    classes = int(config.model.get('num_classes') or 0)
+    classes = models.num_classes(config.model)
     key = jax.random.fold_in(jax.random.key(seed), 0x50CE)
     out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
 

@@ -119,12 +119,7 @@ def params_from_torch(state_dict: dict[str, np.ndarray]) -> dict:
     for name in sorted(state_dict):
         if name not in shapes and name not in counters:
             raise errors.UserError(f'Inception state dict: unexpected key {name!r}')
-    for name, shape in shapes.items():
-        if name not in state_dict:
-            raise errors.UserError(f'Inception state dict: missing key {name!r}')
-        if tuple(np.shape(state_dict[name])) != shape:
-            raise errors.UserError(f'Inception state dict: {name!r} has shape {tuple(np.shape(state_dict[name]))}, '
-                                   f'expected {shape}')
+    torch_weights.check_state_dict(state_dict, shapes, 'Inception state dict')
     params: dict[str, Any] = {}
     for path in all_convs():
         get = lambda suffix: np.asarray(state_dict[f'{".".join(path)}.{suffix}'], np.float64)

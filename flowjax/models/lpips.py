@@ -16,8 +16,7 @@ import numpy as np
 from etils import epath
 
 from flowjax import errors
-from flowjax.models import torch_weights
-from flowjax.models import resize
+from flowjax.models import resize, torch_weights
 
 VGG_FILE = 'vgg16-397923af.pth'
 VGG_URL = f'https://download.pytorch.org/models/{VGG_FILE}'
@@ -63,21 +62,11 @@ def random_torch_state_dicts(seed: int) -> tuple[dict[str, np.ndarray], dict[str
     return vgg, heads
 
 
-def _check(state_dict: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    """Every expected tensor is there with its shape (others, e.g. VGG's classifier, are ignored)."""
-    for name, shape in shapes.items():
-        if name not in state_dict:
-            raise errors.UserError(f'{where}: missing key {name!r}')
-        if tuple(np.shape(state_dict[name])) != shape:
-            raise errors.UserError(f'{where}: {name!r} has shape {tuple(np.shape(state_dict[name]))}, '
-                                   f'expected {shape}')
-
-
 def params_from_torch(vgg_state_dict: dict[str, np.ndarray], head_state_dict: dict[str, np.ndarray]) -> dict:
     """Flax variables of `LPIPS` from torchvision's VGG16 state dict and the lpips v0.1 head dict."""
     vgg_shapes, head_shapes = torch_shapes()
-    _check(vgg_state_dict, vgg_shapes, 'VGG16 state dict')
-    _check(head_state_dict, head_shapes, 'LPIPS head state dict')
+    torch_weights.check_state_dict(vgg_state_dict, vgg_shapes, 'VGG16 state dict')
+    torch_weights.check_state_dict(head_state_dict, head_shapes, 'LPIPS head state dict')
     params: dict[str, Any] = {}
     for index, _, _ in conv_layers():
         kernel = np.asarray(vgg_state_dict[f'features.{index}.weight'], np.float32).transpose(2, 3, 1, 0)  # OIHW->HWIO
@@ -181,8 +170,8 @@ def load(vgg_path: str | None, head_path: str | None = None, *, resize: int | No
     vgg = torch_weights.load_state_dict(str(vgg_path), field)
     heads = torch_weights.load_state_dict(str(head_path), head_field)
     vgg_shapes, head_shapes = torch_shapes()
-    _check(vgg, vgg_shapes, f'{field}: {vgg_path}')
-    _check(heads, head_shapes, f'{head_field}: {head_path}')
+    torch_weights.check_state_dict(vgg, vgg_shapes, f'{field}: {vgg_path}')
+    torch_weights.check_state_dict(heads, head_shapes, f'{head_field}: {head_path}')
     return LPIPS(resize=resize, pool=pool), params_from_torch(vgg, heads)
 
 

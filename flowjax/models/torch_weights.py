@@ -125,6 +125,16 @@ def _resolve(obj):
     return obj
 
 
+def check_state_dict(state_dict: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every expected tensor is in `state_dict` with its shape; a one-line UserError naming the key if not."""
+    for name, shape in shapes.items():
+        if name not in state_dict:
+            raise errors.UserError(f'{where}: missing key {name!r}')
+        if tuple(np.shape(state_dict[name])) != shape:
+            raise errors.UserError(f'{where}: {name!r} has shape {tuple(np.shape(state_dict[name]))}, '
+                                   f'expected {shape}')
+
+
 def load_state_dict(path: str, field: str) -> dict[str, np.ndarray]:
     """{name: array} of a `.pth` state dict; `field` names the config field in errors."""
     file = epath.Path(path)
