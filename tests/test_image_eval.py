@@ -105,3 +105,17 @@ def test_grid_layout():
     g = image_eval.grid(x, columns=3)
     assert g.shape == (2 * 4 - 1, 3 * 3 - 1, 1) and g.dtype == np.uint8
     assert g[0, 0, 0] == 0 and g[0, 3, 0] == 128 and g[4, 3, 0] == 0 and g[3, 0, 0] == 255
+
+
+@pytest.mark.parametrize('edit, fragment', [
+    (lambda c: c.data.update(kind='video'), "data.kind='video'"),
+    (lambda c: c.data.__delitem__('image'), "data.image: data.kind='image' needs an image source"),
+    (lambda c: c.data.update(source={'name': 'gmm'}), "images use {'name': 'normal'} noise"),
+    (lambda c: c.data.image.update(name='imagenet'), "data.image.name: unknown image source 'imagenet'"),
+])
+def test_bad_image_data_is_one_line(edit, fragment):
+    config = _config()
+    edit(config)
+    with pytest.raises(errors.ConfigError) as e:
+        datasets.check(config)
+    assert '\n' not in str(e.value) and fragment in str(e.value)
