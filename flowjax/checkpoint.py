@@ -7,6 +7,7 @@ Layout of a workdir:
 """
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -141,8 +142,11 @@ def _barrier(name: str) -> None:
 
 
 def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:
-    """(params, meta) of an export written by `export`; a one-line error if it is missing."""
-    path = epath.Path(path)
+    """(params, meta) of an export written by `export`; a one-line error if it is missing.
+
+    A relative local path is taken from the working directory (Orbax reads absolute paths only).
+    """
+    path = epath.Path(path if '://' in str(path) else os.path.abspath(path))
     if path.name != 'export' and (path / 'export').exists():
         path = path / 'export'
     if not (path / 'meta.json').exists() or not (path / 'params').exists():

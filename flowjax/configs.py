@@ -4,6 +4,8 @@ An experiment file's `get_config(arg)` starts from `base()`, sets what it needs,
 returns the config; main locks it, so a typo in an override is an error.
 """
 
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -14,6 +16,8 @@ def base() -> ml_collections.ConfigDict:
     c.method = 'rf'
     c.name = config_dict.placeholder(str)  # the model's name in reports; defaults to the method
     c.seed = 0
+    # pipeline stage: an existing export (a workdir or its export/ directory) used instead of running the stage
+    c.checkpoint = config_dict.placeholder(str)
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = 'toy2d'
@@ -71,6 +75,26 @@ def base() -> ml_collections.ConfigDict:
     c.distill.loss = 'l2'  # or 'pseudo_huber', 'lpips' (see c.lpips)
     c.distill.huber_c = config_dict.placeholder(float)  # None: 0.00054 * dim (ALGORITHMS.md 3)
 
+    # SlimFlow (ALGORITHMS.md 2). Method 'slimflow_reflow', annealing reflow: `model` (a small
+    # student) from random init on couplings whose noise is mixed, sqrt(1 - b^2) x0 + b eps, with b
+    # following `beta` (schedule linear / exponential / cosine over `steps` = W, or constant `value`).
+    c.slimflow_reflow = ml_collections.ConfigDict()
+    c.slimflow_reflow.couplings = config_dict.placeholder(str)
+    c.slimflow_reflow.beta = ml_collections.ConfigDict({'schedule': 'linear', 'steps': 300_000, 'value': 0.0})
+    c.slimflow_reflow.flip_pairs = config_dict.placeholder(bool)  # x0 and x1 flipped together; None: images on
+
+    # Method 'slimflow_distill', flow-guided distillation: student and frozen teacher both start
+    # from `init` (the annealed student's export); loss D(x0 + v(x0), x1) + guidance * L_2step
+    # with t' ~ U[t_range]; D is `loss` ('lpips' with lpips.resize = 64 in the paper).
+    c.slimflow_distill = ml_collections.ConfigDict()
+    c.slimflow_distill.couplings = config_dict.placeholder(str)
+    c.slimflow_distill.init = config_dict.placeholder(str)
+    c.slimflow_distill.loss = 'l2'  # or 'pseudo_huber', 'lpips'
+    c.slimflow_distill.huber_c = config_dict.placeholder(float)
+    c.slimflow_distill.guidance = 1.0  # lambda, the weight of the 2-step term; 0: plain one-step distillation
+    c.slimflow_distill.t_range = (0.2, 0.8)
+    c.slimflow_distill.flip_pairs = config_dict.placeholder(bool)
+
     # The LPIPS distance of any loss 'lpips': torchvision's VGG16 weights file (vgg16-397923af.pth),
     # the v0.1 linear heads (None: those inside an installed `lpips` package), the size both
     # images are resized to first (64: SlimFlow; 224: rfpp; None: as they are) and VGG's pooling.
@@ -97,6 +121,9 @@ def base() -> ml_collections.ConfigDict:
     # whose pair count and NFE go into the report.
     c.eval.models = ()
     c.eval.couplings = config_dict.placeholder(str)
+    # method 'evaluate': group name -> tuple of model labels (as in the report), e.g. one recipe's
+    # seeds, whose scores the report summarises as mean / std / min / max.
+    c.eval.groups = ml_collections.ConfigDict()
     return c
 
 
@@ -120,6 +147,66 @@ def pipeline(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name, stage in stages.items():
         c[name] = stage
     return c
+
+
+# The arms of `slimflow_pipeline`'s ablation: group name in the report -> stage name prefix.
+# (a): the same small student by plain reflow vs annealing reflow; (b): the annealed student
+# distilled without vs with the 2-step guidance term. (Reports list groups sorted by name.)
+SLIMFLOW_ABLATION = {
+    '(a) plain reflow, b = 0': 'plain',
+    '(a) annealing reflow': 'annealed',
+    '(b) distillation, L_d only': 'unguided',
+    '(b) distillation, L_d + L_2step': 'guided',
+}
+
+
+def slimflow_pipeline(teacher: ml_collections.ConfigDict, couplings: ml_collections.ConfigDict,
+                      student: ml_collections.ConfigDict, distill: ml_collections.ConfigDict,
+                      evaluate: ml_collections.ConfigDict, *, seeds: int = 0) -> ml_collections.ConfigDict:
+    """SlimFlow as a pipeline: teacher -> couplings -> annealed (slimflow_reflow) -> distilled
+    (slimflow_distill) -> evaluate; the student and distill configs name their couplings stage.
+
+    `seeds` > 0 makes the ablation instead: per seed s, the same student trained by plain reflow
+    (b = 0: the stored couplings unmixed) as `plain_s<s>` and by annealing reflow as `annealed_s<s>`,
+    and `annealed_s<s>` distilled with and without the 2-step term (`guided_s<s>`, `unguided_s<s>`);
+    the evaluate stage reports every model and each arm's mean and spread (`eval.groups`).
+    """
+    if not seeds:
+        distill.slimflow_distill.init = 'annealed'
+        evaluate.eval.models = ('teacher', 'annealed', 'distilled')
+        return pipeline(teacher=teacher, couplings=couplings, annealed=student, distilled=distill, evaluate=evaluate)
+
+    def seeded(base, seed):
+        c = copy.deepcopy(base)
+        c.seed = seed
+        return c
+
+    stages = {'teacher': teacher, 'couplings': couplings}
+    for s in range(seeds):
+        stages[f'plain_s{s}'] = seeded(student, s)
+        stages[f'plain_s{s}'].slimflow_reflow.beta.update(schedule='constant', value=0.0)
+        stages[f'annealed_s{s}'] = seeded(student, s)
+        stages[f'unguided_s{s}'] = seeded(distill, s)
+        stages[f'unguided_s{s}'].slimflow_distill.update(init=f'annealed_s{s}', guidance=0.0)
+        stages[f'guided_s{s}'] = seeded(distill, s)
+        stages[f'guided_s{s}'].slimflow_distill.init = f'annealed_s{s}'
+    evaluate.eval.models = tuple(stages)[:1] + tuple(stages)[2:]
+    evaluate.eval.groups = {group: tuple(f'{prefix}_s{s}' for s in range(seeds))
+                            for group, prefix in SLIMFLOW_ABLATION.items()}
+    return pipeline(**stages, evaluate=evaluate)
+
+
+def experiment(near: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the experiment file `<name>.py` beside the file `near` (an experiment's
+    `__file__`): one experiment builds on another's recipe without copying it."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(near).with_name(f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'flowjax_experiment_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

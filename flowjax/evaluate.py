@@ -38,7 +38,8 @@ LEGEND = (
     "energy: energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (no square root); "
     '(n): NFE; straightness: mean over t of E||(z1 - z0) - v(z_t, t)||^2 on an Euler path '
     '(RF), straightness_norm: same with the norm (SlimFlow); '
-    'w2_data / energy_data: held-out data vs a second held-out sample (the noise floor). '
+    'w2_data / energy_data: held-out data vs a second held-out sample (the noise floor); '
+    'params: the number of model parameters. '
     'Images: fid (Inception-v3 features, pytorch-fid weights) or fd_digits (features of the '
     'shipped digits classifier): Frechet distance of the samples to the statistics of the whole '
     'dataset; fid_data / fd_digits_data: the same for as many real images (the floor). '
@@ -118,6 +119,11 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def parameter_count(params: Any) -> int:
+    """The number of scalar parameters of a params pytree (the sum of its leaves' sizes)."""
+    return sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
 def _sample_metrics(x1: np.ndarray, data: np.ndarray, nfe: int) -> dict[str, Any]:
     """{'w2', 'energy', 'nfe'} of one sampler's output against held-out data."""
     if not np.all(np.isfinite(x1)):  # e.g. rk45 hit max_steps and returned NaNs.
@@ -133,7 +139,7 @@ def evaluate_models(models: Mapping[str, tuple[Apply, Any]], *, source: np.ndarr
     """Samples every model with every sampler, scores it, merges into the workdir report.
 
     Writes `report.json`, `report.md` and `samples.png` (process 0 only) and returns
-    the merged report `{model: {sampler_key: {w2, energy, nfe}, straightness, ...}}`.
+    the merged report `{model: {'params': n, sampler_key: {w2, energy, nfe}, straightness, ...}}`.
     """
     workdir = epath.Path(workdir)
     source = np.asarray(source, np.float32)
@@ -144,7 +150,7 @@ def evaluate_models(models: Mapping[str, tuple[Apply, Any]], *, source: np.ndarr
 
     results, plots = {}, {}
     for name, (apply, params) in models.items():
-        entry, samples = {}, {}
+        entry, samples = {'params': parameter_count(params)}, {}
         for spec in specs:
             x1, nfe = solvers.make_sampler(apply, spec, eps=eps)(params, x0)
             x1 = np.asarray(jax.device_get(x1))
@@ -212,11 +218,30 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         image_eval.check(config)
 
 
+def model_entry(entry: str) -> tuple[str, str]:
+    """(label, path) of an `eval.models` entry: 'label=path', or a path labelled by its last component."""
+    label, sep, path = ('', '', entry) if epath.Path(entry).exists() else entry.partition('=')
+    return (label, path) if sep else (epath.Path(entry).name, entry)
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Static checks of the `evaluate` method's config."""
     check_data(config)
     if not config.eval.models:
         raise errors.ConfigError("eval.models: name at least one exported model ('label=path' or a stage)")
+    labels = [model_entry(m)[0] for m in config.eval.models]
+    known = ', '.join(labels)
+    for group, members in (config.eval.get('groups') or {}).items():
+        field = f'eval.groups.{group}'
+        if (not isinstance(members, (tuple, list)) or not members
+                or not all(isinstance(m, str) for m in members)):
+            value = members.to_dict() if isinstance(members, ml_collections.ConfigDict) else members
+            raise errors.ConfigError(f'{field}={value!r}: expected a non-empty tuple of model labels ({known})')
+        for label in members:
+            if label not in labels:
+                raise errors.ConfigError(f'{field}: {label!r} is not a model of eval.models ({known})')
+            if members.count(label) > 1:
+                raise errors.ConfigError(f'{field}: {label!r} is listed twice')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -224,28 +249,95 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Each entry is an export path (or a pipeline stage name) or 'label=path'; the label
     defaults to the directory name. With `eval.couplings`, the coupling pass's pair count and
-    mean NFE are reported too.
+    mean NFE are reported too; with `eval.groups`, each group's mean / std / min / max
+    (`group_statistics`).
     """
     from flowjax import methods, models  # methods imports this module
 
     check(config)
     loaded = {}
     for entry in config.eval.models:
-        label, sep, path = ('', '', entry) if epath.Path(entry).exists() else entry.partition('=')
-        path = path if sep else entry
+        label, path = model_entry(entry)
         module, params, meta = methods.load_model(path, 'eval.models')
         classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
         conditional = (classes,) if classes else ()
-        loaded[label if sep else epath.Path(path).name] = (models.apply_fn(module), params, *conditional)
+        loaded[label] = (models.apply_fn(module), params, *conditional)
     report = evaluate(config, epath.Path(workdir), loaded)
+    groups = config.eval.get('groups') or {}
+    stale = 'groups' in report and not groups  # from an earlier evaluation in this workdir
+    report.pop('groups', None)
     if config.eval.couplings:
         from flowjax.data import couplings
 
         manifest = couplings.open_store(config.eval.couplings).manifest
         report['couplings'] = {'pairs': manifest['num_pairs'], 'mean_nfe': manifest['mean_nfe'],
                                'sampler': manifest['sampler'], 'direction': manifest['direction']}
+    if groups:
+        report['groups'] = group_statistics(report, groups)
+    if config.eval.couplings or groups or stale:
         write_report(workdir, report)
     return report
+
+
+def _statistics(values: Sequence[Any]) -> dict[str, Any]:
+    """{mean, std (ddof=1; 0 for one value), min, max, n} of the finite values; 'failed': how many were not."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n, failed = len(finite), len(values) - len(finite)
+    if n:
+        stats = {'mean': float(np.mean(finite)), 'std': float(np.std(finite, ddof=1)) if n > 1 else 0.0,
+                 'min': min(finite), 'max': max(finite), 'n': n}
+    else:
+        stats = {'mean': None, 'std': None, 'min': None, 'max': None, 'n': 0}
+    return {**stats, 'failed': failed} if failed else stats
+
+
+def _is_score(values: Sequence[Any]) -> bool:
+    """True if every value is a number or None (a failed score)."""
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+
+
+def _common(values: Sequence[Any]) -> Any:
+    """The value all members share, else None."""
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def group_statistics(report: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """Mean / std / min / max / n of each group's member scores in `report`.
+
+    Per group: {'models': [...], 'params' (if all members agree), sampler_key: {metric: stats,
+    'nfe' (if all agree)}, scalar: stats} for every numeric metric the members have ('nfe',
+    'params' and the `*_data` floors are not averaged). std is the sample standard deviation
+    (ddof=1, 0 for n = 1); None (failed) scores are left out and counted as 'failed'; a member
+    without a metric is left out.
+    """
+    out = {}
+    for group, labels in groups.items():
+        missing = [label for label in labels if label not in report]
+        if missing:
+            raise errors.ConfigError(f'eval.groups.{group}: {missing[0]!r} is not a model of the report')
+        members = [report[label] for label in labels]
+        stats = {'models': list(labels)}
+        params = _common([m.get('params') for m in members])
+        stats.update({} if params is None else {'params': params})
+        keys = list(dict.fromkeys(k for m in members for k, v in m.items() if isinstance(v, Mapping)))
+        for key in keys:
+            scores = [m[key] for m in members if isinstance(m.get(key), Mapping)]
+            stats[key] = {}
+            for metric in dict.fromkeys(name for s in scores for name in s):
+                values = [s[metric] for s in scores if metric in s]
+                if metric == 'nfe':
+                    nfe = _common(values)
+                    stats[key].update({} if nfe is None else {'nfe': nfe})
+                elif _is_score(values):
+                    stats[key][metric] = _statistics(values)
+        scalars = dict.fromkeys(k for m in members for k, v in m.items()
+                                if not isinstance(v, Mapping) and k != 'params' and not k.endswith('_data'))
+        for name in scalars:
+            values = [m[name] for m in members if name in m]
+            if _is_score(values):
+                stats[name] = _statistics(values)
+        out[group] = stats
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +352,8 @@ def read_report(workdir: str | epath.Path) -> dict:
 
 
 # Report entries that describe the run rather than a model.
-INFO_SECTIONS = ('couplings',)
+INFO_SECTIONS = ('couplings', 'groups')
+ONE_STEP = 'euler@1'  # the first column of the tables, next to the parameter count
 
 
 def _write_atomic(path: epath.Path, text: str) -> None:
@@ -285,13 +378,56 @@ def _fmt(value: Any) -> str:
     return f'{value:.4g}' if isinstance(value, float) else str(value)
 
 
+def format_count(n: int | None) -> str:
+    """A parameter count in three digits: 27.9M, 190k, 1.23k, 512."""
+    if n is None:
+        return 'n/a'
+    for scale, unit in ((1e9, 'B'), (1e6, 'M'), (1e3, 'k')):
+        text = f'{n / scale:.3g}'
+        if float(text) >= 1:
+            return text + unit
+    return str(n)
+
+
+def _mean_std(stats: Mapping[str, Any] | None) -> str:
+    """'mean ± std' of group statistics, with the count of failed members if any."""
+    if stats is None:
+        return '-'
+    text = 'n/a' if stats['mean'] is None else f'{stats["mean"]:.4g} ± {stats["std"]:.2g}'
+    return text + (f' ({stats["failed"]} failed)' if stats.get('failed') else '')
+
+
+def _is_stats(value: Any) -> bool:
+    return isinstance(value, Mapping) and 'mean' in value and 'n' in value
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
 
 
+def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Groups table: a row per group, 'mean ± std' per sampler metric and per scalar."""
+    columns, scalars = [], []
+    for stats in groups.values():
+        for k, v in stats.items():
+            if _is_stats(v):
+                scalars += [k] if k not in scalars else []
+            elif isinstance(v, Mapping):
+                columns += [(k, m) for m, s in v.items() if _is_stats(s) and (k, m) not in columns]
+    columns.sort(key=lambda c: c[0] != ONE_STEP)
+    with_params = any('params' in stats for stats in groups.values())
+    header = ['group', 'n', *(['params'] if with_params else []), *(f'{k} {m}' for k, m in columns), *scalars]
+    rows = [[name, str(len(stats['models'])), *([format_count(stats.get('params'))] if with_params else []),
+             *(_mean_std(stats.get(k, {}).get(m)) for k, m in columns), *(_mean_std(stats.get(k)) for k in scalars)]
+            for name, stats in groups.items()]
+    note = 'Mean ± sample std over the models of each group (min, max and n in report.json).'
+    return ['## Groups', '', note, ''] + _table(header, rows) + ['']
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
-    """One table per metric: rows are models, columns sampler keys, cells 'value (NFE)'."""
+    """One table per metric: rows are models, columns the parameter count and sampler keys, cells
+    'value (NFE)'; then straightness and baselines, info sections and the Groups table."""
     info = {name: entry for name, entry in report.items() if name in INFO_SECTIONS}
     report = {name: entry for name, entry in report.items() if name not in INFO_SECTIONS}
     keys, metrics, scalars = [], [], []
@@ -300,20 +436,26 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             if isinstance(v, dict):
                 keys += [k] if k not in keys else []
                 metrics += [m for m in v if m != 'nfe' and m not in metrics]
-            elif k not in scalars:
+            elif k not in scalars and k != 'params':
                 scalars.append(k)
+    keys.sort(key=lambda k: k != ONE_STEP)
+    with_params = any('params' in entry for entry in report.values())
+    params = ['params'] if with_params else []
     lines = ['# Evaluation report', '', LEGEND, '']
     for metric in metrics:
         rows = []
         for name, entry in report.items():
             cells = [f'{_fmt(entry[k].get(metric))} ({entry[k]["nfe"]})' if k in entry else '-'
                      for k in keys]
-            rows.append([name] + cells)
-        lines += [f'## {metric}', ''] + _table(['model'] + keys, rows) + ['']
+            rows.append([name] + ([format_count(entry.get('params'))] if with_params else []) + cells)
+        lines += [f'## {metric}', ''] + _table(['model'] + params + keys, rows) + ['']
     rows = [[name] + [_fmt(entry.get(k)) for k in scalars] for name, entry in report.items()]
     lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
     for name, entry in info.items():
-        lines += [f'## {name}', ''] + _table(list(entry), [[_fmt(v) for v in entry.values()]]) + ['']
+        if name != 'groups':
+            lines += [f'## {name}', ''] + _table(list(entry), [[_fmt(v) for v in entry.values()]]) + ['']
+    if info.get('groups'):
+        lines += _groups_markdown(info['groups'])
     return '\n'.join(lines)
 
 

@@ -154,8 +154,8 @@ def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path
     """Scores each model with each of `eval.samplers`; merges into the workdir's report.
 
     `models` maps a name to (apply, params) or, for a class-conditional model, (apply, params,
-    num_classes). Report entry per model: {sampler: {metric: value, 'nfe': n}, 'straightness', ...,
-    '<metric>_data': the real-data floor}. Writes `samples.png`, a grid per model and sampler.
+    num_classes). Report entry per model: {'params': count, sampler: {metric: value, 'nfe': n},
+    'straightness', ..., '<metric>_data': the real-data floor}. Writes `samples.png`, a grid per model and sampler.
     """
     check(config)
     workdir = epath.Path(workdir)
@@ -181,7 +181,7 @@ def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path
 
     results, grids = {}, {}
     for name, (apply, params, *classes) in models.items():
-        entry, grids[name] = {}, {}
+        entry, grids[name] = {'params': evaluate.parameter_count(params)}, {}
         apply, inputs = _with_labels(apply, params, classes[0] if classes else 0, key, batch)
         for spec in specs:
             run = solvers.make_sampler(apply, spec, eps=eps)

@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flowjax import errors, evaluate, generate, pipeline
-from flowjax.methods import distill, reflow, rf
+from flowjax.methods import distill, reflow, rf, slimflow
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/toy2d_rf.py:runlocal',
                                           lock_config=True)
@@ -22,6 +22,8 @@ METHODS = {
     'generate': generate.run,
     'reflow': reflow.run,
     'distill': distill.run,
+    'slimflow_reflow': slimflow.run_reflow,
+    'slimflow_distill': slimflow.run_distill,
     'evaluate': evaluate.run,
     'pipeline': lambda config, workdir: pipeline.run(config, workdir, METHODS, CHECKS),
 }
@@ -31,6 +33,8 @@ CHECKS = {
     'generate': generate.check,
     'reflow': reflow.check,
     'distill': distill.check,
+    'slimflow_reflow': slimflow.check_reflow,
+    'slimflow_distill': slimflow.check_distill,
     'evaluate': evaluate.check,
 }
 
@@ -46,7 +50,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).replace('\\n', ' ').replace("'", ''))
+        message = str(e)
+        if 'Traceback' in message:  # the experiment file raised: its own message, not the traceback
+            last = message.strip().replace('\\n', '\n').splitlines()[-1]
+            message = f"{message.split(':', 1)[0]}: {last.split(': ', 1)[-1]}"
+        fail(message.replace('\\n', ' ').replace("'", ''))
     except (KeyError, AttributeError, TypeError, ValueError) as e:  # typo'd --config.a.b field, bad literal
         fail(f"bad --config override: {str(e).replace(chr(92) + 'n', ' ')}")
 
@@ -100,6 +108,9 @@ def main(argv: list[str]) -> None:
         fail('--workdir is required, e.g. --workdir=runs/my-experiment')
     if method not in METHODS:
         fail(f"config.method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    if method != 'pipeline' and config.get('checkpoint'):
+        fail('checkpoint: only a pipeline stage can stand in for an existing export '
+             '(set <stage>.checkpoint in a pipeline)')
     workdir = _WORKDIR.value
     if '://' not in workdir:  # local paths absolute (Orbax needs it); bucket paths as given
         workdir = os.path.abspath(workdir)

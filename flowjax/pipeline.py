@@ -10,6 +10,10 @@ A field that names an earlier stage (a teacher, a coupling store, a model to eva
 replaced by that stage's directory. A finished stage leaves `stage.json` with a fingerprint of
 its config and of the stages it reads; a rerun skips it while both are unchanged, so a
 crashed pipeline resumes at the stage it stopped in (which itself resumes from its checkpoint).
+
+A stage whose `checkpoint` names an existing export (a workdir or its export/ directory, e.g.
+`--config.teacher.checkpoint=gs://bucket/rf_cifar`) is not run: references to it read that export,
+nothing is written there, and its fingerprint follows the export's path and meta.json.
 """
 
 import hashlib
@@ -25,7 +29,8 @@ from flowjax import errors
 
 # Fields of a stage config that may name an earlier stage.
 REFERENCES = ('generate.teacher', 'reflow.couplings', 'reflow.init', 'reflow.online_teacher',
-              'distill.couplings', 'distill.init', 'eval.couplings')
+              'distill.couplings', 'distill.init', 'eval.couplings',
+              'slimflow_reflow.couplings', 'slimflow_distill.couplings', 'slimflow_distill.init')
 MARKER = 'stage.json'
 REPORT_FILES = ('report.json', 'report.md', 'samples.png')
 
@@ -43,14 +48,22 @@ def _resolve(value: str, field: str, dirs: dict[str, epath.Path]) -> tuple[str, 
     return value, None
 
 
+def _export_meta(stage: str, path: epath.Path) -> str:
+    """The meta.json text of the export at `path` (as `checkpoint.load_export` finds it), for `<stage>.checkpoint`."""
+    found = path if path.name == 'export' or not (path / 'export').exists() else path / 'export'
+    if not (found / 'meta.json').exists() or not (found / 'params').exists():
+        raise errors.ConfigError(f'{stage}.checkpoint={path}: no exported model here '
+                                 f'(expected {path}/export/meta.json or {path}/meta.json)')
+    return (found / 'meta.json').read_text()
+
+
 def _stage_config(config: ml_collections.ConfigDict, stage: str, dirs: dict[str, epath.Path],
-                  fingerprints: dict[str, str]) -> tuple[ml_collections.ConfigDict, str]:
+                  fingerprints: dict[str, str], standins: set[str]) -> tuple[ml_collections.ConfigDict, str]:
     """The stage's config with stage names replaced by directories, and its fingerprint.
 
     `fingerprints` holds the stages before this one: a reference to any other is an error.
+    An eval.models entry naming a stand-in stage (in `standins`) keeps the stage name as its label.
     """
-    if stage not in config:
-        raise errors.ConfigError(f'stages: {stage!r} is listed but config.{stage} is not defined')
     unresolved = config[stage].to_json(sort_keys=True)  # stage names, not paths: a moved workdir still matches
     cfg = ml_collections.ConfigDict(config[stage].to_dict())
     depends = []
@@ -61,7 +74,8 @@ def _stage_config(config: ml_collections.ConfigDict, stage: str, dirs: dict[str,
             depends += [ref] if ref else []
     if 'eval' in cfg and cfg.eval.get('models'):
         resolved = [_resolve(m, f'{stage}.eval.models', dirs) for m in cfg.eval.models]
-        cfg.eval.models = tuple(path for path, _ in resolved)
+        cfg.eval.models = tuple(f'{m}={path}' if m in standins else path
+                                for m, (path, _) in zip(cfg.eval.models, resolved))
         depends += [ref for _, ref in resolved if ref]
     for ref in depends:
         if ref not in fingerprints:
@@ -75,16 +89,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
     """Runs `config.stages` in order, skipping stages finished with the same fingerprint.
 
     `checks` (method -> static config check) run for every stage before the first one starts,
-    so a typo in the last stage does not wait for the first to finish training.
+    so a typo in the last stage does not wait for the first to finish training. A stage with
+    `checkpoint` set stands in for that export: it is neither checked nor run.
     """
     stages = tuple(config.stages)
     if not stages or len(set(stages)) != len(stages):
         raise errors.ConfigError(f'stages={stages}: expected a non-empty tuple of distinct stage names')
     root = epath.Path(workdir)
     dirs = {name: root / name for name in stages}
-    planned, fingerprints = {}, {}
+    planned, fingerprints, standins = {}, {}, set()
     for stage in stages:  # check every stage before running any
-        cfg, fingerprints[stage] = _stage_config(config, stage, dirs, fingerprints)
+        if stage not in config:
+            raise errors.ConfigError(f'stages: {stage!r} is listed but config.{stage} is not defined')
+        if config[stage].get('checkpoint'):
+            dirs[stage] = epath.Path(config[stage].checkpoint)
+            text = str(dirs[stage]) + '\n' + _export_meta(stage, dirs[stage])
+            fingerprints[stage] = hashlib.sha256(text.encode()).hexdigest()[:16]
+            standins.add(stage)
+            continue
+        cfg, fingerprints[stage] = _stage_config(config, stage, dirs, fingerprints, standins)
         if cfg.get('method') not in methods or cfg.method == 'pipeline':
             raise errors.ConfigError(f'{stage}.method: unknown method {cfg.get("method")!r} '
                                      f"(expected one of {', '.join(m for m in methods if m != 'pipeline')})")
@@ -95,8 +118,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
                 raise errors.ConfigError(f'{stage}.{e}') from None
         planned[stage] = cfg
     results = {}
-    for stage, cfg in planned.items():
-        marker = dirs[stage] / MARKER
+    for stage in stages:
+        if stage in standins:
+            logging.info('stage %s: using the export in %s', stage, dirs[stage])
+            results[stage] = {'checkpoint': str(dirs[stage])}
+            continue
+        cfg, marker = planned[stage], dirs[stage] / MARKER
         if marker.exists() and json.loads(marker.read_text()).get('fingerprint') == fingerprints[stage]:
             logging.info('stage %s: finished earlier, skipped', stage)
             results[stage] = json.loads(marker.read_text()).get('result', {})
@@ -108,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
             tmp.write_text(json.dumps({'method': cfg.method, 'fingerprint': fingerprints[stage],
                                        'result': results[stage]}, indent=2, default=float))
             tmp.replace(marker)
-    _publish_report(root, stages)
+    _publish_report(root, tuple(s for s in stages if s not in standins))
     return results
 
 

@@ -1,9 +1,21 @@
-"""Tests run on 8 fake CPU devices."""
+"""Tests run on 8 fake CPU devices.
 
+The experiments' end-to-end tests compile the same small U-Nets again and again (in this
+process and in `python -m flowjax.main` subprocesses): one persistent XLA compilation cache,
+fresh for each test session, serves them all.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='flowjax-tests-xla-cache-')
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.3'
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 import pathlib  # noqa: E402
 

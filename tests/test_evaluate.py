@@ -4,11 +4,13 @@ import json
 import warnings
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from flowjax import evaluate
+from flowjax import configs, errors, evaluate
+from test_generate import _export_teacher
 
 SAMPLERS = ('euler@1', 'euler@2', 'heun@2', 'rk45')
 
@@ -122,9 +124,10 @@ def test_evaluate_models_end_to_end(tmp_path):
     report = evaluate.evaluate_models(models, source=source, data=data, data_b=data_b,
                                       samplers=SAMPLERS, workdir=tmp_path, title='test')
     entry = report['shift']
-    expected_keys = ['euler@1', 'euler@2', 'heun@2', 'rk45', 'straightness',
+    expected_keys = ['params', 'euler@1', 'euler@2', 'heun@2', 'rk45', 'straightness',
                      'straightness_norm', 'w2_data', 'energy_data']
     assert list(entry) == expected_keys
+    assert entry['params'] == 2 and type(entry['params']) is int
     for key in SAMPLERS:
         assert set(entry[key]) == {'w2', 'energy', 'nfe'}
         assert type(entry[key]['w2']) is float and type(entry[key]['energy']) is float
@@ -152,7 +155,8 @@ def test_evaluate_models_end_to_end(tmp_path):
     assert merged['other']['euler@1']['w2'] == pytest.approx(np.linalg.norm(shift), abs=1e-3)
     assert json.loads((tmp_path / 'report.json').read_text()) == merged
     md = (tmp_path / 'report.md').read_text()
-    assert '| shift |' in md and '| other |' in md and 'rk45' in md
+    assert '| shift | 2 |' in md and '| other | 2 |' in md and 'rk45' in md
+    assert '| model | params | euler@1 |' in md
     assert not list(tmp_path.glob('*.tmp'))
 
 
@@ -162,3 +166,154 @@ def test_write_report_roundtrip(tmp_path):
     evaluate.write_report(tmp_path / 'sub', report)
     assert evaluate.read_report(tmp_path / 'sub') == report
     assert 'euler@1' in (tmp_path / 'sub' / 'report.md').read_text()
+
+
+# --- parameter count -------------------------------------------------------
+
+
+def test_parameter_count():
+    params = {'a': {'kernel': jnp.zeros((3, 4)), 'bias': np.zeros(4)}, 'b': [jnp.float32(1.0), np.ones((2, 2, 2))]}
+    assert evaluate.parameter_count(params) == 12 + 4 + 1 + 8
+    assert type(evaluate.parameter_count(params)) is int
+    assert evaluate.parameter_count({}) == 0
+
+
+@pytest.mark.parametrize('n, text', [(0, '0'), (512, '512'), (999, '999'), (1234, '1.23k'), (190_000, '190k'),
+                                     (999_999, '1M'), (27_912_345, '27.9M'), (1_500_000_000, '1.5B')])
+def test_format_count(n, text):
+    assert evaluate.format_count(n) == text
+
+
+# --- groups ------------------------------------------------------------------
+
+
+def _entry(w2_1, w2_4, straight, params=100, nfe_rk45=20):
+    return {'params': params, 'euler@1': {'w2': w2_1, 'energy': 0.5, 'nfe': 1},
+            'euler@4': {'w2': w2_4, 'energy': 0.25, 'nfe': 4}, 'rk45': {'w2': 0.1, 'energy': 0.0, 'nfe': nfe_rk45},
+            'straightness': straight, 'straightness_norm': 0.5, 'w2_data': 0.05, 'energy_data': 0.001}
+
+
+def test_group_statistics_by_hand():
+    report = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3, nfe_rk45=26),
+              's2': _entry(4.0, 0.7, 0.2), 'solo': _entry(3.0, 0.4, 0.6, params=7),
+              'big': _entry(3.0, 0.4, 0.6, params=8), 'couplings': {'pairs': 4}}
+    groups = evaluate.group_statistics(report, {'seeds': ('s0', 's1', 's2'), 'one': ['solo'],
+                                                'mixed': ('solo', 'big')})
+    assert set(groups) == {'seeds', 'one', 'mixed'}
+    seeds = groups['seeds']
+    assert seeds['models'] == ['s0', 's1', 's2'] and seeds['params'] == 100
+    w2 = seeds['euler@1']['w2']
+    assert w2 == {'mean': pytest.approx(7 / 3), 'std': pytest.approx(np.std([1, 2, 4], ddof=1)),
+                  'min': 1.0, 'max': 4.0, 'n': 3}
+    assert w2['std'] == pytest.approx(1.527525, rel=1e-6)
+    # A failed (None) score is counted and left out.
+    assert seeds['euler@4']['w2'] == {'mean': pytest.approx(0.6), 'std': pytest.approx(np.std([0.5, 0.7], ddof=1)),
+                                      'min': 0.5, 'max': 0.7, 'n': 2, 'failed': 1}
+    assert seeds['euler@1']['energy'] == {'mean': 0.5, 'std': 0.0, 'min': 0.5, 'max': 0.5, 'n': 3}
+    assert seeds['euler@1']['nfe'] == 1 and seeds['euler@4']['nfe'] == 4 and 'nfe' not in seeds['rk45']
+    assert seeds['straightness']['mean'] == pytest.approx(0.2) and seeds['straightness']['std'] == pytest.approx(0.1)
+    assert 'straightness_norm' in seeds
+    assert not {'w2_data', 'energy_data'} & set(seeds)
+    # n = 1: std 0; params differing within a group are left out.
+    assert groups['one']['euler@1']['w2'] == {'mean': 3.0, 'std': 0.0, 'min': 3.0, 'max': 3.0, 'n': 1}
+    assert groups['one']['params'] == 7 and 'params' not in groups['mixed']
+    json.dumps(groups, allow_nan=False)
+
+    # Every member failed: no statistics, all counted.
+    report['s0']['euler@4']['w2'] = report['s2']['euler@4']['w2'] = None
+    failed = evaluate.group_statistics(report, {'seeds': ('s0', 's1', 's2')})['seeds']['euler@4']['w2']
+    assert failed == {'mean': None, 'std': None, 'min': None, 'max': None, 'n': 0, 'failed': 3}
+
+
+def test_groups_markdown_table():
+    report = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3)}
+    report['groups'] = evaluate.group_statistics(report, {'plain reflow': ('s0', 's1')})
+    md = evaluate.report_markdown(report)
+    assert '## Groups' in md and '| plain reflow |' not in md.split('## Groups')[0]
+    header = next(line for line in md.split('## Groups')[1].splitlines() if line.startswith('| group'))
+    assert header.startswith('| group | n | params | euler@1 w2 | euler@1 energy | euler@4 w2 |')
+    assert header.endswith('| straightness | straightness_norm |')
+    assert '| plain reflow | 2 | 100 | 1.5 ± 0.71 | 0.5 ± 0 | 0.5 ± 0 (1 failed) |' in md
+
+
+def test_groups_config_roundtrip_and_lock():
+    config = configs.base()
+    assert not config.eval.groups
+    config.eval.groups = {'plain reflow': ('plain_s0', 'plain_s1'), 'anneal': ('anneal_s0',)}
+    config.lock()
+    config.eval.groups.anneal = ('anneal_s0', 'anneal_s1')
+    copied = ml_collections.ConfigDict(json.loads(config.to_json()))
+    assert copied.eval.groups.to_dict() == {'plain reflow': ['plain_s0', 'plain_s1'],
+                                            'anneal': ['anneal_s0', 'anneal_s1']}
+    with pytest.raises(KeyError):
+        config.eval.groups['typo'] = ('plain_s0',)
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp('exports')
+    for name, seed in (('s0', 0), ('s1', 10), ('other', 20)):
+        _export_teacher(root / name, seed)
+    return root
+
+
+def _evaluate_config(exports, groups):
+    config = configs.base()
+    config.method = 'evaluate'
+    config.eval.models = (str(exports / 's0'), str(exports / 's1'), f'solo={exports / "other"}')
+    config.eval.samplers = ('euler@1', 'euler@2')
+    config.eval.num_samples = 128
+    config.eval.straightness_steps = 8
+    config.eval.trajectories = 4
+    config.eval.groups = groups
+    return ml_collections.ConfigDict(json.loads(config.to_json()))  # as a pipeline stage copies it: lists
+
+
+def test_evaluate_method_groups_end_to_end(exports, tmp_path):
+    config = _evaluate_config(exports, {'seeds': ('s0', 's1'), 'one': ('solo',)})
+    report = evaluate.run(config, str(tmp_path))
+    assert set(report) == {'s0', 's1', 'solo', 'groups'}
+    assert json.loads((tmp_path / 'report.json').read_text()) == report
+    count = report['s0']['params']
+    assert count > 1000 and report['s1']['params'] == report['solo']['params'] == count
+    seeds = report['groups']['seeds']
+    assert seeds['models'] == ['s0', 's1'] and seeds['params'] == count
+    for key in ('euler@1', 'euler@2'):
+        assert seeds[key]['nfe'] == report['s0'][key]['nfe']
+        for metric in ('w2', 'energy'):
+            values = [report[m][key][metric] for m in ('s0', 's1')]
+            assert seeds[key][metric] == {'mean': pytest.approx(np.mean(values)),
+                                          'std': pytest.approx(np.std(values, ddof=1)),
+                                          'min': min(values), 'max': max(values), 'n': 2}
+    values = [report[m]['straightness'] for m in ('s0', 's1')]
+    assert seeds['straightness']['mean'] == pytest.approx(np.mean(values))
+    assert seeds['straightness']['std'] == pytest.approx(np.std(values, ddof=1))
+    assert report['groups']['one']['euler@1']['w2']['std'] == 0.0
+    md = (tmp_path / 'report.md').read_text()
+    groups_md = md.split('## Groups')[1]
+    assert f'| seeds | 2 | {evaluate.format_count(count)} |' in groups_md and '| one | 1 |' in groups_md
+    assert '| group | n | params | euler@1 w2 | euler@1 energy | euler@2 w2 |' in groups_md
+
+    # Evaluating again without groups drops the earlier groups from the report.
+    config.eval.groups = {}
+    again = evaluate.run(config, str(tmp_path))
+    assert 'groups' not in again and again['s0'] == report['s0']
+    assert 'groups' not in json.loads((tmp_path / 'report.json').read_text())
+    assert '## Groups' not in (tmp_path / 'report.md').read_text()
+
+
+@pytest.mark.parametrize('groups, fragment', [
+    ({'seeds': ('s0', 's9')}, "eval.groups.seeds: 's9' is not a model of eval.models (s0, s1, solo)"),
+    ({'seeds': ()}, 'eval.groups.seeds=(): expected a non-empty tuple of model labels (s0, s1, solo)'),
+    ({'seeds': 's0'}, "eval.groups.seeds='s0': expected a non-empty tuple"),
+    ({'seeds': ('s0', 's0')}, "eval.groups.seeds: 's0' is listed twice"),
+    ({'seeds': {'a': 's0', 'b': 's1'}}, "eval.groups.seeds={'a': 's0', 'b': 's1'}: expected a non-empty tuple"),
+])
+def test_bad_groups_are_one_line(exports, groups, fragment):
+    config = configs.base()
+    config.method = 'evaluate'
+    config.eval.models = (str(exports / 's0'), str(exports / 's1'), f'solo={exports / "other"}')
+    config.eval.groups = groups
+    with pytest.raises(errors.ConfigError) as e:
+        evaluate.check(config)
+    assert '\n' not in str(e.value) and fragment in str(e.value)

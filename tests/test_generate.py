@@ -189,3 +189,12 @@ def test_bad_config_is_one_line(config, tmp_path, field, value, expected):
         generate.generate_couplings(config, tmp_path)
     assert '\n' not in str(excinfo.value)
     assert not (tmp_path / 'manifest.json').exists()
+
+
+def test_exports_load_from_relative_paths(teachers, monkeypatch):
+    """A stage or `eval.models` may name an export relative to the working directory."""
+    monkeypatch.chdir(teachers)
+    relative, _ = checkpoint.load_export('a')
+    absolute, _ = checkpoint.load_export(teachers / 'a')
+    for x, y in zip(jax.tree.leaves(relative), jax.tree.leaves(absolute)):
+        np.testing.assert_array_equal(x, y)

@@ -49,6 +49,7 @@ def test_fid_report_cache_floor_and_grid(tmp_path, monkeypatch):
             assert set(report[name][key]) == {'fid', 'nfe'}
         assert report[name]['euler@2']['nfe'] == 2
         assert report[name]['fid_data'] >= 0 and report[name]['straightness'] >= 0
+        assert report[name]['params'] == 1  # a scalar rate
     # Noise (the identity flow) is far from digits; the real-data floor is far below it.
     assert report['still']['euler@1']['fid'] > 10 * report['still']['fid_data']
     stats = list(tmp_path.glob('fid_stats_*.npz'))
@@ -79,7 +80,25 @@ def test_metric_none_reports_nfe_and_grid(tmp_path):
     config = _config(metric='none', num_samples=64, batch_size=32)
     report = image_eval.evaluate_images(config, tmp_path, {'m': (_shrink, jnp.float32(0.5))})
     assert report['m']['euler@1'] == {'nfe': 1} and 'straightness' in report['m']
+    assert report['m']['params'] == 1
     assert (tmp_path / 'samples.png').exists()
+
+
+def test_group_statistics_of_image_entries():
+    def entry(fd, straightness):
+        return {'params': 1_234_567, 'euler@1': {'fd_digits': fd, 'nfe': 1}, 'straightness': straightness,
+                'straightness_norm': 1.0, 'fd_digits_data': 0.5}
+
+    report = {'a': entry(10.0, 0.2), 'b': entry(14.0, 0.4), 'c': entry(None, 0.3)}
+    report['groups'] = evaluate.group_statistics(report, {'g': ('a', 'b', 'c')})
+    g = report['groups']['g']
+    assert g['euler@1'] == {'fd_digits': {'mean': 12.0, 'std': pytest.approx(2 ** 1.5), 'min': 10.0, 'max': 14.0,
+                                          'n': 2, 'failed': 1}, 'nfe': 1}
+    assert g['straightness']['mean'] == pytest.approx(0.3) and g['straightness']['std'] == pytest.approx(0.1)
+    assert g['params'] == 1_234_567 and 'fd_digits_data' not in g
+    md = evaluate.report_markdown(report)
+    assert '| model | params | euler@1 |' in md and '| a | 1.23M | 10 (1) |' in md
+    assert '| g | 3 | 1.23M | 12 ± 2.8 (1 failed) | 0.3 ± 0.1 | 1 ± 0 |' in md
 
 
 def test_fid_without_weights_is_one_line(tmp_path):

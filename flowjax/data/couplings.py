@@ -31,6 +31,7 @@ DTYPES: dict[str, Any] = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
 IDENTITY_FIELDS = ('version', 'teacher', 'teacher_step', 'data', 'sampler', 'rtol', 'atol', 'direction', 'seed',
                    'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps')
 _PAIR_FIELDS = ('x0', 'x1')
+_PAIR_FLIP_SALT = 0xF11C
 
 
 def num_shards(num_pairs: int, shard_size: int) -> int:
@@ -182,28 +183,49 @@ def open_store(path: str | epath.Path, expect: dict | None = None) -> Store:
 
 
 class CouplingBatches:
-    """Stateless shuffled batches of stored pairs, in the order of `stream.ShuffledStream`."""
+    """Stateless shuffled batches of stored pairs, in the order of `stream.ShuffledStream`.
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *,
+    `flip`: each image pair is flipped horizontally, x0 and x1 together, iff a coin drawn from
+    (seed, step) for its global row says so (SlimFlow's paired flip). `per_step`: fields whose
+    value is a function of the step (e.g. an annealing coefficient), given to every example.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *, flip: bool = False,
+                 per_step: dict[str, Callable[[int], float]] | None = None,
                  process_index: int | None = None, process_count: int | None = None):
         self._arrays = arrays
+        self._flip = flip
+        self._per_step = per_step or {}
         self._stream = stream.ShuffledStream(len(arrays['x0']), batch_size, seed,
                                              process_index=process_index, process_count=process_count)
         self.permutation = self._stream.permutation
         self.local_ids = self._stream.local_ids
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of global batch `step`: x0, x1 as float32[, label]."""
+        """This process's rows of global batch `step`: x0, x1 as float32[, label][, per-step fields]."""
         ids = self.local_ids(step)
         batch = {name: self._arrays[name][ids].astype(np.float32) for name in _PAIR_FIELDS}
+        if self._flip:
+            flips = self._stream.local_coins(step, _PAIR_FLIP_SALT)
+            for name in _PAIR_FIELDS:
+                batch[name][flips] = batch[name][flips, :, ::-1]
         if 'label' in self._arrays:
             batch['label'] = self._arrays['label'][ids]
+        for name, value in self._per_step.items():
+            batch[name] = np.full((len(ids),), value(step), np.float32)
         return batch
 
 
-def make_batches(path: str | epath.Path, mesh: Mesh, batch_size: int, seed: int,
-                 expect: dict | None = None) -> Callable[[int], dict[str, jax.Array]]:
-    """`batches(step) -> {'x0', 'x1'[, 'label']}`: global arrays sharded along the mesh's 'data' axis."""
+def make_batches(path: str | epath.Path, mesh: Mesh, batch_size: int, seed: int, expect: dict | None = None, *,
+                 flip: bool = False, per_step: dict[str, Callable[[int], float]] | None = None
+                 ) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step) -> {'x0', 'x1'[, 'label'][, per_step fields]}`: global arrays sharded along 'data'.
+
+    `flip` flips image pairs (x0 with its x1) at random; see `CouplingBatches`.
+    """
     sharding.check_batch_size(batch_size, mesh, 'batch_size')
     store = open_store(path, expect)
-    return stream.global_batches(CouplingBatches(store.load(), batch_size, seed).local_batch, mesh)
+    if flip and len(store.shape) != 3:
+        raise errors.UserError(f'{path}: paired flips need image couplings (H, W, C); these have shape {store.shape}')
+    reader = CouplingBatches(store.load(), batch_size, seed, flip=flip, per_step=per_step)
+    return stream.global_batches(reader.local_batch, mesh)

@@ -229,8 +229,7 @@ class ImageBatches:
         s = self._stream
         if not self._flip:
             return np.zeros(s.batch_size // s.process_count, bool)
-        coins = np.random.default_rng([s.seed, _FLIP_SALT, step]).random(s.batch_size) < 0.5
-        return coins[s.local_rows]
+        return s.local_coins(step, _FLIP_SALT)
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """{'x1': float32 (B / P, H, W, C)[, 'label': int32 (B / P,)]}."""

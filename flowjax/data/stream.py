@@ -47,6 +47,11 @@ class ShuffledStream:
             self._perms[epoch] = rng.permutation(self.num_rows)
         return self._perms[epoch]
 
+    def local_coins(self, step: int, salt: int) -> np.ndarray:
+        """A fair coin per row of global batch `step` drawn from (seed, salt, step): this process's share (bool)."""
+        coins = np.random.default_rng([self.seed, salt, step]).random(self.batch_size) < 0.5
+        return coins[self.local_rows]
+
     def local_ids(self, step: int) -> np.ndarray:
         """Dataset row ids of this process's rows of global batch `step`."""
         rows = np.arange(self.batch_size, dtype=np.int64)[self.local_rows] + step * self.batch_size
