@@ -1,8 +1,7 @@
 """SlimFlow on CIFAR-10 (ALGORITHMS.md section 2): a small one-step student of a 1-RF teacher.
 
-    python -m flowjax.main --config=experiments/slimflow_cifar.py:size=15.7M,data_dir=gs://bucket/tfds,\
-inception=gs://bucket/weights/pt_inception-2015-12-05-6726825d.pth,vgg=gs://bucket/weights/vgg16-397923af.pth \
-        --workdir=gs://bucket/slimflow_cifar
+    python -m flowjax.main --workdir=gs://bucket/slimflow_cifar --config=experiments/slimflow_cifar.py:size=15.7M,\
+data_dir=gs://bucket/tfds,inception=weights/pt_inception-2015-12-05-6726825d.pth,vgg=weights/vgg16-397923af.pth
     python -m flowjax.main --config=experiments/slimflow_cifar.py --config.teacher.checkpoint=gs://bucket/rf_cifar ...
     python -m flowjax.main --config=experiments/slimflow_cifar.py:runlocal,data_dir=... --workdir=runs/quick
 
