@@ -141,15 +141,20 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:
-    """(params, meta) of an export written by `export`; a one-line error if it is missing.
-
-    A relative local path is taken from the working directory (Orbax reads absolute paths only).
-    """
+def find_export(path: str | epath.Path) -> tuple[epath.Path, bool]:
+    """(the export directory `path` names: itself or its workdir's export/, whether it holds meta.json
+    and params/). A relative local path is taken from the working directory (Orbax reads absolute
+    paths only)."""
     path = epath.Path(path if '://' in str(path) else os.path.abspath(path))
     if path.name != 'export' and (path / 'export').exists():
         path = path / 'export'
-    if not (path / 'meta.json').exists() or not (path / 'params').exists():
+    return path, (path / 'meta.json').exists() and (path / 'params').exists()
+
+
+def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:
+    """(params, meta) of an export written by `export` (see `find_export`); a one-line error if it is missing."""
+    path, found = find_export(path)
+    if not found:
         raise errors.UserError(f'{path}: no exported model here (expected meta.json and params/ written '
                                'at the end of a training run, in <workdir>/export)')
     meta = json.loads((path / 'meta.json').read_text())

@@ -190,15 +190,15 @@ def slimflow_pipeline(teacher: ml_collections.ConfigDict, couplings: ml_collecti
         stages[f'unguided_s{s}'].slimflow_distill.update(init=f'annealed_s{s}', guidance=0.0)
         stages[f'guided_s{s}'] = seeded(distill, s)
         stages[f'guided_s{s}'].slimflow_distill.init = f'annealed_s{s}'
-    evaluate.eval.models = tuple(stages)[:1] + tuple(stages)[2:]
+    evaluate.eval.models = tuple(name for name in stages if name != 'couplings')
     evaluate.eval.groups = {group: tuple(f'{prefix}_s{s}' for s in range(seeds))
                             for group, prefix in SLIMFLOW_ABLATION.items()}
     return pipeline(**stages, evaluate=evaluate)
 
 
-def experiment(near: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def experiment(near, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the experiment file `<name>.py` beside the file `near` (an experiment's
-    `__file__`): one experiment builds on another's recipe without copying it."""
+    `__file__`, a str or path): one experiment builds on another's recipe without copying it."""
     import importlib.util
     import pathlib
 

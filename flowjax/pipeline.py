@@ -25,7 +25,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from flowjax import errors
+from flowjax import checkpoint, errors
 
 # Fields of a stage config that may name an earlier stage.
 REFERENCES = ('generate.teacher', 'reflow.couplings', 'reflow.init', 'reflow.online_teacher',
@@ -50,11 +50,11 @@ def _resolve(value: str, field: str, dirs: dict[str, epath.Path]) -> tuple[str, 
 
 def _export_meta(stage: str, path: epath.Path) -> str:
     """The meta.json text of the export at `path` (as `checkpoint.load_export` finds it), for `<stage>.checkpoint`."""
-    found = path if path.name == 'export' or not (path / 'export').exists() else path / 'export'
-    if not (found / 'meta.json').exists() or not (found / 'params').exists():
+    export, found = checkpoint.find_export(path)
+    if not found:
         raise errors.ConfigError(f'{stage}.checkpoint={path}: no exported model here '
                                  f'(expected {path}/export/meta.json or {path}/meta.json)')
-    return (found / 'meta.json').read_text()
+    return (export / 'meta.json').read_text()
 
 
 def _stage_config(config: ml_collections.ConfigDict, stage: str, dirs: dict[str, epath.Path],

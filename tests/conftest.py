@@ -26,12 +26,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def experiment_config(name: str, arg: str | None = None):
     """get_config of an experiment file (unlocked)."""
-    import importlib.util
+    from flowjax import configs
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return configs.experiment(ROOT / 'experiments' / f'{name}.py', name, arg)
 
 
 @pytest.fixture
