@@ -21,7 +21,7 @@ from flowjax import errors
 # checkpoints is refused rather than mixed: every field must match except these, which a
 # resumed run may change (train longer, log or save at another rate, evaluate differently).
 RESUMABLE_CHANGES = ('name', 'eval', 'train.steps', 'train.log_every', 'train.checkpoint_every',
-                     'train.keep_checkpoints')
+                     'train.keep_checkpoints', 'train.n_jitted_steps', 'train.remat', 'train.prefetch')
 
 
 def _jsonable(config: ml_collections.ConfigDict) -> dict:

@@ -47,6 +47,11 @@ def base() -> ml_collections.ConfigDict:
     c.train.log_every = 500
     c.train.checkpoint_every = 2_000
     c.train.keep_checkpoints = 2
+    # Speed only (a resumed run may change them): steps per jit call (one lax.scan), what the
+    # backward pass recomputes (train.REMAT: 'none', 'dots', 'full'), jit calls' batches read ahead.
+    c.train.n_jitted_steps = 1
+    c.train.remat = 'none'
+    c.train.prefetch = 2
 
     # method 'generate': a teacher's couplings, written as shards + manifest in the workdir.
     c.generate = ml_collections.ConfigDict()
@@ -59,6 +64,7 @@ def base() -> ml_collections.ConfigDict:
     c.generate.atol = 1e-5
     c.generate.direction = 'backward'  # backward: noise -> data; forward: real data -> noise
     c.generate.dtype = 'float32'  # storage: float32, bfloat16 or float16
+    c.generate.model_dtype = config_dict.placeholder(str)  # the teacher's compute dtype; None: as trained
     c.generate.max_new_shards = config_dict.placeholder(int)  # stop after writing this many
 
     # methods 'reflow' and 'distill': students trained on stored couplings.

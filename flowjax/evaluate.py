@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import ot
 from absl import logging
 from etils import epath
 from scipy import spatial
@@ -57,6 +56,8 @@ def w2(x: np.ndarray, y: np.ndarray) -> float:
     a = np.full(len(x), 1.0 / len(x))
     b = np.full(len(y), 1.0 / len(y))
     cost = spatial.distance.cdist(x, y, 'sqeuclidean')  # Exact zeros on ties.
+    import ot  # POT, imported when needed: it is slow to import and only toy data uses it
+
     value, log = ot.emd2(a, b, cost, numItermax=_EMD_MAX_ITERS, log=True)
     if log.get('warning') is not None:
         raise RuntimeError(f'w2: exact OT did not converge: {log["warning"]}')

@@ -30,6 +30,7 @@ from flowjax import checkpoint, errors, models, sharding, writers
 from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
 
+MODEL_DTYPES = ('float32', 'bfloat16')  # generate.model_dtype: the teacher's activations in the solve
 DIRECTIONS = ('backward', 'forward')  # backward: noise -> teacher data; forward: real data -> noise
 _STREAMS = {'backward': 0x6E01, 'forward': 0xDA7A}  # start points: noise, or real data
 Draw = Callable[[jax.Array], jax.Array]  # key -> one example
@@ -100,6 +101,9 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
         raise errors.ConfigError(f'generate.max_new_shards={cfg.max_new_shards}: must be >= 0 (or unset)')
     if cfg.direction not in DIRECTIONS:
         raise errors.ConfigError(f"generate.direction={cfg.direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    if cfg.model_dtype not in (None, *MODEL_DTYPES):
+        raise errors.ConfigError(f"generate.model_dtype={cfg.model_dtype!r}: expected one of {', '.join(MODEL_DTYPES)} "
+                                 "(or unset: the teacher's own)")
     if cfg.dtype not in couplings.DTYPES:
         raise errors.ConfigError(f"generate.dtype={cfg.dtype!r}: expected one of {', '.join(couplings.DTYPES)}")
     try:
@@ -127,6 +131,11 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
     if tuple(meta['sample_shape']) != endpoints.shape:
         raise errors.ConfigError(f'generate.teacher: {teacher} makes samples of shape {meta["sample_shape"]}, '
                                  f'data.kind={config.data.kind!r} has shape {list(endpoints.shape)}')
+    if cfg.model_dtype is not None:
+        if 'dtype' not in meta['model']:
+            raise errors.ConfigError(f"generate.model_dtype={cfg.model_dtype!r}: the teacher's model "
+                                     f"({meta['model'].get('name')}) has no dtype setting")
+        meta['model'] = {**meta['model'], 'dtype': cfg.model_dtype}
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
     classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
     manifest = {
@@ -136,7 +145,7 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         'atol': sampler.atol if sampler.name == 'rk45' else None,
         'direction': cfg.direction, 'seed': config.seed, 'num_pairs': cfg.num_pairs,
         'shard_size': cfg.shard_size, 'dtype': cfg.dtype, 'shape': list(endpoints.shape), 't_eps': t_eps,
-        'num_classes': classes, 'complete': False, 'mean_nfe': None,
+        'model_dtype': cfg.model_dtype, 'num_classes': classes, 'complete': False, 'mean_nfe': None,
     }
     return Job(json.dumps(meta['model'], sort_keys=True), params, sampler, endpoints, manifest, classes)
 

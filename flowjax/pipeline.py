@@ -18,6 +18,7 @@ nothing is written there, and its fingerprint follows the export's path and meta
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 
 import jax
@@ -129,11 +130,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
             results[stage] = json.loads(marker.read_text()).get('result', {})
             continue
         logging.info('stage %s: method %s in %s', stage, cfg.method, dirs[stage])
+        started = time.monotonic()
         results[stage] = methods[cfg.method](cfg, str(dirs[stage])) or {}
+        seconds = time.monotonic() - started
+        logging.info('stage %s: done in %.1f s', stage, seconds)
         if jax.process_index() == 0:
             tmp = dirs[stage] / (MARKER + '.tmp')
             tmp.write_text(json.dumps({'method': cfg.method, 'fingerprint': fingerprints[stage],
-                                       'result': results[stage]}, indent=2, default=float))
+                                       'result': results[stage], 'seconds': seconds}, indent=2, default=float))
             tmp.replace(marker)
     _publish_report(root, tuple(s for s in stages if s not in standins))
     return results

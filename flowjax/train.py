@@ -13,13 +13,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
 
 from flowjax import checkpoint, errors, models, sharding, writers
+from flowjax.data import stream
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
+
+# train.remat -> what the backward pass keeps of the forward (jax.checkpoint policy): 'none'
+# keeps everything; 'dots' keeps only convolution and matmul outputs and recomputes the
+# elementwise work (normalisation, activations, dropout) between them; 'full' keeps nothing
+# but the inputs and recomputes the whole forward pass (a third more compute, least memory).
+REMAT = {'none': None, 'dots': jax.checkpoint_policies.dots_saveable,
+         'full': jax.checkpoint_policies.nothing_saveable}
 
 
 @flax.struct.dataclass
@@ -67,22 +76,33 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
         raise errors.ConfigError(f'train.lr_final={cfg.lr_final}: must be in [0, 1] (a fraction of train.lr)')
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise errors.ConfigError(f'train.ema_decay={cfg.ema_decay}: must be in [0, 1)')
-    for field in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-        if cfg[field] < 1:
-            raise errors.ConfigError(f'train.{field}={cfg[field]}: must be >= 1')
+    for field in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'n_jitted_steps'):
+        if isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise errors.ConfigError(f'train.{field}={cfg[field]!r}: must be an integer >= 1')
+    for field in ('log_every', 'checkpoint_every'):
+        if cfg[field] % cfg.n_jitted_steps:
+            raise errors.ConfigError(f'train.{field}={cfg[field]}: must be a multiple of '
+                                     f'train.n_jitted_steps={cfg.n_jitted_steps}')
+    if cfg.remat not in REMAT:
+        raise errors.ConfigError(f"train.remat={cfg.remat!r}: expected one of {', '.join(REMAT)}")
+    if isinstance(cfg.prefetch, bool) or not isinstance(cfg.prefetch, int) or cfg.prefetch < 0:
+        raise errors.ConfigError(f'train.prefetch={cfg.prefetch!r}: must be an integer >= 0')
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, decay: float, rng: jax.Array):
+                    schedule: optax.Schedule, decay: float, rng: jax.Array, remat: str = 'none'):
     """The pure step (state, batch, ctx) -> (state, metrics); randomness folded with the step.
 
     Random draws inside `loss_fn` use the partitionable threefry, so each example's
     noise and t depend on (seed, step, example index) and not on how the batch is sharded.
+    `remat` (a REMAT key) trades recomputation in the backward pass for activation memory.
     """
+    policy = REMAT[remat]
+    grad_fn = jax.value_and_grad(loss_fn if policy is None else jax.checkpoint(loss_fn, policy=policy), has_aux=True)
 
     def step(state: TrainState, batch: dict, ctx: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, ctx)
+        (loss, aux), grads = grad_fn(state.params, batch, key, ctx)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay(decay, state.step)
@@ -93,19 +113,47 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, module: nn.Module,
-          loss_fn: LossFn, ctx: Any, batches: Callable[[int], dict], sample_shape: tuple[int, ...],
-          mesh, init_params: Any | None = None) -> TrainState:
-    """Trains to `config.train.steps` (resuming from the latest checkpoint) and exports the EMA weights.
+def scan_steps(step: Callable[[TrainState, dict, Any], tuple[TrainState, dict]]):
+    """(state, batches, ctx) -> (state, metrics): `step` over a tuple of consecutive batches in one
+    `lax.scan`, so one dispatch (one jit call) runs len(batches) steps; metrics get a leading step axis.
 
-    `init_params` starts the student from given weights (e.g. a teacher) instead of random init.
+    A single batch runs without the scan: XLA's CPU backend runs convolutions inside a loop body
+    an order of magnitude slower (measured: 0.5 vs 6.5 steps/s for the digits U-Net on 2 cores).
     """
-    cfg = config.train
-    validate(cfg, mesh)
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tx, schedule = optimizer(cfg)
-    root = jax.random.key(config.seed)
+
+    def steps(state: TrainState, batches: tuple[dict, ...], ctx: Any) -> tuple[TrainState, dict]:
+        if len(batches) == 1:
+            state, metrics = step(state, batches[0], ctx)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        return jax.lax.scan(lambda s, batch: step(s, batch, ctx), state, stacked)
+
+    return steps
+
+
+def chunks(start: int, stop: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) step ranges of one jit call each: ends on multiples of n (and at stop)."""
+    bounds = [start, *range((start // n + 1) * n, stop, n), stop]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def loop(step_fn, state: TrainState, ctx: Any, batches: Callable[[int], dict], ranges: list[tuple[int, int]],
+         prefetch: int, after: Callable[[int, TrainState, dict], None] | None = None) -> TrainState:
+    """Runs `step_fn` (from `jit_steps`) over the step ranges; `after(done, state, metrics)` follows
+    each call. The batches of the next `prefetch` calls are read and put on the devices in a
+    background thread while the devices work; nothing here waits for the devices."""
+    read = lambda lo_hi: tuple(batches(s) for s in range(*lo_hi))
+    for (_, done), batch in zip(ranges, stream.read_ahead(read, ranges, prefetch)):
+        state, metrics = step_fn(state, batch, ctx)
+        if after is not None:
+            after(done, state, metrics)
+    return state
+
+
+def init_state(config: ml_collections.ConfigDict, module: nn.Module, tx: optax.GradientTransformation,
+               sample_shape: tuple[int, ...], mesh, init_params: Any | None = None):
+    """(abstract state with shardings, jitted `init() -> state`): params from `init_params` or
+    drawn from config.seed, replicated over the mesh."""
     replicated = sharding.replicated(mesh)
 
     def init(key, given):
@@ -124,35 +172,60 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     # so the values do not depend on the device count.
     init_key = jax.random.key(config.seed, impl='rbg')
     abstract = jax.eval_shape(init, init_key, init_params)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sharding)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+    return abstract, lambda: jax.jit(init, out_shardings=state_sharding)(init_key, init_params)
 
+
+def jit_steps(config: ml_collections.ConfigDict, loss_fn: LossFn, tx: optax.GradientTransformation,
+              schedule: optax.Schedule, abstract_state: Any, mesh):
+    """The jitted `(state, batches, ctx) -> (state, metrics)` the loop calls: `config.train` steps
+    (remat, EMA) scanned over a tuple of batches, the state donated."""
+    cfg = config.train
+    step = make_train_step(loss_fn, tx, schedule, cfg.ema_decay,
+                           jax.random.fold_in(jax.random.key(config.seed), 1), cfg.remat)
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract_state)
+    return jax.jit(scan_steps(step), out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, module: nn.Module,
+          loss_fn: LossFn, ctx: Any, batches: Callable[[int], dict], sample_shape: tuple[int, ...],
+          mesh, init_params: Any | None = None) -> TrainState:
+    """Trains to `config.train.steps` (resuming from the latest checkpoint) and exports the EMA weights.
+
+    `init_params` starts the student from given weights (e.g. a teacher) instead of random init.
+    """
+    cfg = config.train
+    validate(cfg, mesh)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tx, schedule = optimizer(cfg)
+    abstract, init = init_state(config, module, tx, sample_shape, mesh, init_params)
     ckpt = checkpoint.Checkpoints(workdir, config)
     state = ckpt.restore(abstract)
     if state is None:
-        state = jax.jit(init, out_shardings=state_sharding)(init_key, init_params)
+        state = init()
     start = int(state.step)
     if start:
         logging.info('resumed from %s at step %d', workdir / 'checkpoints', start)
-
-    step_fn = jax.jit(
-        make_train_step(loss_fn, tx, schedule, cfg.ema_decay, jax.random.fold_in(root, 1)),
-        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    step_fn = jit_steps(config, loss_fn, tx, schedule, abstract, mesh)
 
     writer = writers.MetricsWriter(workdir, resume_step=start)
     progress = writers.Progress(cfg.steps, start)
     pending = []
-    for step in range(start, cfg.steps):
-        state, metrics = step_fn(state, batches(step), ctx)
+
+    def after(done: int, state: TrainState, metrics: dict) -> None:
+        nonlocal pending
         pending.append(metrics)
-        done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            logged = {k: sum(float(m[k]) for m in jax.device_get(pending)) / len(pending) for k in pending[0]}
+            values = jax.device_get(pending)
+            logged = {k: float(np.mean(np.concatenate([m[k] for m in values]))) for k in values[0]}
             pending = []
             logged['steps_per_sec'] = progress(done, logged)
             writer.write(done, logged)
         ckpt.save(done, state, force=done == cfg.steps)
+
+    state = loop(step_fn, state, ctx, batches, chunks(start, cfg.steps, cfg.n_jitted_steps), cfg.prefetch, after)
     ckpt.close()
     writer.close()
 

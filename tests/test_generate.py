@@ -181,6 +181,8 @@ def test_store_of_another_request_is_refused(config, teachers, tmp_path):
     ('sampler', 'euler', "generate.sampler: sampler 'euler': fixed-step solvers need '@N' steps"),
     ('direction', 'sideways', 'generate.direction=.sideways.: expected one of backward, forward'),
     ('dtype', 'int8', 'generate.dtype=.int8.: expected one of float32, bfloat16, float16'),
+    ('model_dtype', 'float16', r'generate.model_dtype=.float16.: expected one of float32, bfloat16 \(or unset'),
+    ('model_dtype', 'bfloat16', r"generate.model_dtype='bfloat16': the teacher's model \(mlp\) has no dtype setting"),
 ])
 def test_bad_config_is_one_line(config, tmp_path, field, value, expected):
     with config.unlocked():

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from flowjax import checkpoint, models, sharding, train
-from flowjax.data import toy2d
+from flowjax import checkpoint, errors, models, sharding, train
+from flowjax.data import stream, toy2d
 from flowjax.methods import Context, rf
 
 
@@ -93,3 +93,98 @@ def test_workdir_of_another_experiment_is_refused(config, tmp_path):
         config.model.features = (16,)
     with pytest.raises(Exception, match='different experiment'):
         _run(config, tmp_path)
+
+
+def test_scanned_steps_equal_single_steps(config, tmp_path):
+    """n_jitted_steps = 4 runs the same steps as 1 (one lax.scan a jit call), logs every step."""
+    with config.unlocked():
+        config.train.steps = 10
+        config.train.log_every = 4
+        config.train.checkpoint_every = 8
+    single = _run(config, tmp_path / 'single')
+    with config.unlocked():
+        config.train.n_jitted_steps = 4  # chunks [0, 4), [4, 8), [8, 10): the last one is shorter
+    scanned = _run(config, tmp_path / 'scanned')
+    for a, b in zip(jax.tree.leaves((single.params, single.ema_params)),
+                    jax.tree.leaves((scanned.params, scanned.ema_params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_losses(tmp_path / 'single'), _losses(tmp_path / 'scanned'), rtol=1e-5)
+    assert checkpoint.Checkpoints(tmp_path / 'scanned', config).latest_step() == 10
+
+
+def test_speed_options_may_change_on_resume(config, tmp_path):
+    with config.unlocked():
+        config.train.steps = 4
+        config.train.checkpoint_every = 2
+    _run(config, tmp_path)
+    with config.unlocked():
+        config.train.steps = 8
+        config.train.n_jitted_steps = 2
+        config.train.log_every = 2
+        config.train.remat = 'full'
+        config.train.prefetch = 0
+    assert int(_run(config, tmp_path).step) == 8
+
+
+@pytest.mark.parametrize('remat', ['dots', 'full'])
+def test_remat_keeps_loss_and_gradients(load_experiment, remat):
+    """Recomputing activations in the backward pass changes memory and time, not the step."""
+    config = load_experiment('digits_reflow', 'runlocal')
+    module = models.build(config.teacher.model)
+    ctx = Context(apply=models.apply_fn(module), source=lambda key, shape: jax.random.normal(key, shape),
+                  t_eps=1e-3)
+    x1 = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    params = module.init(jax.random.key(0), x1, np.zeros((4,), np.float32))
+    tx, schedule = train.optimizer(config.teacher.train)
+    rng = jax.random.key(2)
+    state = train.TrainState(step=np.int32(0), params=params, ema_params=params, opt_state=tx.init(params))
+    outs = [jax.jit(train.make_train_step(rf.loss_fn, tx, schedule, 0.99, rng, r))(state, {'x1': x1}, ctx)
+            for r in ('none', remat)]
+    (a, ma), (b, mb) = outs
+    np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-5)
+    np.testing.assert_allclose(ma['grad_norm'], mb['grad_norm'], rtol=1e-4)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_chunks_end_on_multiples():
+    assert train.chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert train.chunks(6, 13, 4) == [(6, 8), (8, 12), (12, 13)]
+    assert train.chunks(0, 3, 1) == [(0, 1), (1, 2), (2, 3)]
+    assert train.chunks(5, 5, 2) == []
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('n_jitted_steps', 0, 'train.n_jitted_steps=0: must be an integer >= 1'),
+    ('log_every', 3, 'train.log_every=3: must be a multiple of train.n_jitted_steps=2'),
+    ('checkpoint_every', 5, 'train.checkpoint_every=5: must be a multiple of train.n_jitted_steps=2'),
+    ('remat', 'some', "train.remat='some': expected one of none, dots, full"),
+    ('prefetch', -1, 'train.prefetch=-1: must be an integer >= 0'),
+])
+def test_bad_speed_options_are_one_line(config, field, value, expected):
+    with config.unlocked():
+        config.train.n_jitted_steps = 2
+        config.train.log_every = 2
+        config.train.checkpoint_every = 2
+        config.train[field] = value
+    with pytest.raises(errors.ConfigError) as e:
+        train.validate(config.train, sharding.data_mesh())
+    assert str(e.value) == expected
+
+
+def test_read_ahead_keeps_order_and_raises_where_read():
+    calls = []
+
+    def read(i):
+        calls.append(i)
+        if i == 5:
+            raise ValueError('bad batch 5')
+        return i * i
+
+    for depth in (0, 1, 3):
+        assert list(stream.read_ahead(lambda i: i * i, list(range(7)), depth)) == [i * i for i in range(7)]
+    got = []
+    with pytest.raises(ValueError, match='bad batch 5'):
+        for value in stream.read_ahead(read, list(range(8)), 2):
+            got.append(value)
+    assert got == [0, 1, 4, 9, 16]

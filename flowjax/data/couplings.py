@@ -29,7 +29,7 @@ MANIFEST = 'manifest.json'
 DTYPES: dict[str, Any] = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
 # What a store was made from; a rerun asking for other values is refused, never mixed in.
 IDENTITY_FIELDS = ('version', 'teacher', 'teacher_step', 'data', 'sampler', 'rtol', 'atol', 'direction', 'seed',
-                   'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps')
+                   'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps', 'model_dtype')
 _PAIR_FIELDS = ('x0', 'x1')
 _PAIR_FLIP_SALT = 0xF11C
 

@@ -6,7 +6,10 @@ perm_e a permutation of all N rows drawn from (seed, epoch e); process p of P re
 state), the same for any number of devices or processes, and each epoch visits every row once.
 """
 
-from collections.abc import Callable
+import collections
+import concurrent.futures
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -73,3 +76,22 @@ def global_batches(local_batch: Callable[[int], dict[str, np.ndarray]],
                 for name, value in local_batch(step).items()}
 
     return batches
+
+
+def read_ahead(fn: Callable[[Any], Any], items: Sequence[Any], depth: int) -> Iterator[Any]:
+    """Yields fn(item) for the items in order; one background thread computes up to `depth` of them
+    ahead (0: each when asked for). An exception in `fn` is raised where its result is yielded."""
+    if depth < 1:
+        yield from map(fn, items)
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='flowjax-read-ahead')
+    try:
+        ahead = collections.deque(pool.submit(fn, item) for item in items[:depth])
+        for item in items[depth:]:
+            done = ahead.popleft().result()
+            ahead.append(pool.submit(fn, item))
+            yield done
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -96,6 +96,22 @@ def load_model(path: str, field: str, config: ml_collections.ConfigDict | None =
     return models.build(ml_collections.ConfigDict(meta['model'])), params, meta
 
 
+def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None, teacher: tuple[Any, Any] | None = None,
+            perceptual: bool = False) -> Context:
+    """The loss context of `config.model` on `mesh`: `teacher` (module, params) and LPIPS
+    (`perceptual`, from `config.lpips`) placed on every device."""
+    module = models.build(config.model)
+    ctx = Context(apply=models.apply_fn(module), source=datasets.noise(config),
+                  t_eps=config.flow.t_eps, options=options, conditional=models.num_classes(config.model) > 0)
+    if teacher is not None:
+        ctx = ctx.replace(teacher_apply=models.apply_fn(teacher[0]),
+                          teacher_params=jax.device_put(teacher[1], sharding.replicated(mesh)))
+    if perceptual:
+        fn, variables = load_perceptual(config)
+        ctx = ctx.replace(perceptual=fn, perceptual_params=jax.device_put(variables, sharding.replicated(mesh)))
+    return ctx
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str, *, loss_fn, batches: Callable[[Any], Callable[[int], dict]],
         init_params: Any = None, options: Any = None, teacher: tuple[Any, Any] | None = None,
         perceptual: bool = False) -> dict:
@@ -107,14 +123,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, loss_fn, batches: Ca
     """
     mesh = sharding.data_mesh()
     module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=datasets.noise(config),
-                  t_eps=config.flow.t_eps, options=options, conditional=models.num_classes(config.model) > 0)
-    if teacher is not None:
-        ctx = ctx.replace(teacher_apply=models.apply_fn(teacher[0]),
-                          teacher_params=jax.device_put(teacher[1], sharding.replicated(mesh)))
-    if perceptual:
-        fn, variables = load_perceptual(config)
-        ctx = ctx.replace(perceptual=fn, perceptual_params=jax.device_put(variables, sharding.replicated(mesh)))
+    ctx = context(config, mesh, options=options, teacher=teacher, perceptual=perceptual)
     if init_params is not None:
         init_params = jax.device_put(init_params, sharding.replicated(mesh))
     state = train.train(config, workdir, module=module, loss_fn=loss_fn, ctx=ctx, batches=batches(mesh),

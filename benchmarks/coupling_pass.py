@@ -1,0 +1,105 @@
+"""Coupling-pass throughput: the `generate` method's ODE solve of the rectified-flow CIFAR-10
+teacher (experiments/rf_cifar.py: DDPM++, 61.8M parameters) with fixed-step Euler.
+
+    python benchmarks/coupling_pass.py --batch 1024 2048 --dtype bfloat16 float32
+    python benchmarks/coupling_pass.py --batch 1024 --pass   # also the whole pass, shards written
+
+Each case runs in its own process. A randomly initialised teacher is exported, loaded through
+generate.prepare, and its pair solver (generate's jitted, sharded per-pair solve) is timed on
+random noise: img*NFE/s counts network evaluations of single images, MFU is the forward's model
+FLOPs over the card's measured bf16 matrix rate. `--pass` also runs generate.generate_couplings
+end to end on 4 shards of `batch` pairs (drawing, solving, writing .npz shards; the first shard,
+which compiles, is not timed). Prints one markdown table.
+"""
+
+import itertools
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import measure  # noqa: E402
+
+COLUMNS = (('devices', 'devices', ''), ('batch', 'batch', ''), ('dtype', 'dtype', ''), ('sampler', 'sampler', ''),
+           ('img_nfe_per_s', 'img*NFE/s', ',.0f'), ('mfu', 'MFU', '.1%'),
+           ('pass_img_nfe_per_s', 'pass img*NFE/s', ',.0f'),
+           ('hours_1m_127', 'h for 1M pairs @127', '.2f'), ('peak_gib', 'peak GiB', '.1f'),
+           ('compile_s', 'compile s', '.0f'), ('note', 'note', ''))
+
+
+def run_case(case: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from flowjax import checkpoint, generate, models, sharding, train
+
+    config = measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg'))
+    shape = (32, 32, 3)
+    module = models.build(config.model)
+    mesh = sharding.data_mesh(jax.devices()[:case['devices']])
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = pathlib.Path(tmp) / 'teacher'
+        tx, _ = train.optimizer(config.train)
+        _, init = train.init_state(config, module, tx, shape, mesh)
+        meta = {'method': 'rf', 'model': json.loads(config.model.to_json()), 'sample_shape': list(shape), 'step': 0,
+                'seed': 0, 'flow': json.loads(config.flow.to_json())}
+        checkpoint.export(teacher, init().ema_params, meta)
+
+        images = pathlib.Path(tmp) / 'images.npz'  # only the shape matters: the pass starts from noise
+        np.savez(images, images=np.zeros((1, *shape), np.uint8))
+        config.data.image = {'name': 'npz', 'path': str(images)}
+        config.generate.update(teacher=str(teacher), sampler=case['sampler'], batch_size=case['batch'],
+                               shard_size=case['batch'], num_pairs=4 * case['batch'], model_dtype=case['dtype'])
+        job = generate.prepare(config, mesh)
+        eps = job.manifest['t_eps']
+        solve = generate._pair_solver(job.model, job.sampler, eps, 1.0, mesh)
+        rows = NamedSharding(mesh, P('data'))
+        params = jax.device_put(job.params, NamedSharding(mesh, P()))
+        x = jax.device_put(measure.host_array((case['batch'], *shape)), rows)
+        label = jax.device_put(np.zeros(case['batch'], np.int32), rows)
+        started = time.perf_counter()
+        compiled = solve.lower(params, x, label).compile()
+        compile_s = time.perf_counter() - started
+        seconds = measure.median_seconds(lambda: compiled(params, x, label), warmup=2, repeats=case['repeats'])
+        nfe = job.sampler.steps * {'euler': 1, 'heun': 2, 'midpoint': 2}[job.sampler.name]
+        rate = case['batch'] * nfe / seconds
+        teacher_model = models.build(config.model.copy_and_resolve_references())
+        forward = measure.flops(teacher_model.apply, params, jnp.zeros((1, *shape)), jnp.zeros((1,)))
+        result = {**case, 'img_nfe_per_s': rate, 'compile_s': compile_s, 'gflop_per_nfe': forward / 1e9,
+                  'mfu': rate * forward / (case['peak_tflops'] * 1e12 * case['devices']),
+                  'hours_1m_127': 1e6 * 127 / rate / 3600}
+        if case.get('profile_dir'):
+            summary = measure.profile(lambda: compiled(params, x, label), case['profile_dir'], calls=1)
+            if summary:
+                result['profile'] = summary
+        if case.get('pass'):
+            store = pathlib.Path(tmp) / 'couplings'
+            config.generate.max_new_shards = 1
+            generate.generate_couplings(config, store, devices=mesh.devices.flat)  # compiles
+            config.generate.max_new_shards = None
+            summary = generate.generate_couplings(config, store, devices=mesh.devices.flat)
+            result['pass_img_nfe_per_s'] = summary['new_shards'] * case['batch'] * nfe / summary['seconds']
+        result['peak_gib'] = measure.peak_memory_gib()
+    return result
+
+
+def main() -> None:
+    parser = measure.arguments(__doc__, batch=1024)
+    parser.add_argument('--sampler', nargs='+', default=['euler@32'])
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per case (the median is kept)')
+    parser.add_argument('--pass', dest='whole_pass', action='store_true', help='also time generate_couplings')
+    args = parser.parse_args()
+    grid = itertools.product(args.devices, args.batch, args.dtype, args.sampler)
+    cases = [{'devices': devices, 'batch': batch, 'dtype': dtype, 'sampler': sampler, 'repeats': args.repeats,
+              'pass': args.whole_pass} for devices, batch, dtype, sampler in grid]
+    measure.drive(__file__, args, run_case, cases, COLUMNS, lambda card, rows: (
+        f"coupling pass, {card['device']} (jax {card['jax']}), "
+        f"{rows[0].get('gflop_per_nfe', 0):.1f} GFLOP per image per NFE:"))
+
+if __name__ == '__main__':
+    main()
