@@ -13,7 +13,6 @@ which compiles, is not timed). Prints one markdown table.
 """
 
 import itertools
-import json
 import pathlib
 import sys
 import tempfile
@@ -44,11 +43,10 @@ def run_case(case: dict) -> dict:
     mesh = sharding.data_mesh(jax.devices()[:case['devices']])
     with tempfile.TemporaryDirectory() as tmp:
         teacher = pathlib.Path(tmp) / 'teacher'
-        tx, _ = train.optimizer(config.train)
-        _, init = train.init_state(config, module, tx, shape, mesh)
-        meta = {'method': 'rf', 'model': json.loads(config.model.to_json()), 'sample_shape': list(shape), 'step': 0,
-                'seed': 0, 'flow': json.loads(config.flow.to_json())}
-        checkpoint.export(teacher, init().ema_params, meta)
+        zeros = jnp.zeros((1, *shape)), jnp.zeros((1,))  # parameters only: no optimiser state on the device
+        params = jax.jit(module.init)(jax.random.key(config.seed, impl='rbg'), *zeros)
+        checkpoint.export(teacher, params, train.export_meta(config, shape, 0))
+        del params
 
         images = pathlib.Path(tmp) / 'images.npz'  # only the shape matters: the pass starts from noise
         np.savez(images, images=np.zeros((1, *shape), np.uint8))
@@ -66,10 +64,9 @@ def run_case(case: dict) -> dict:
         compiled = solve.lower(params, x, label).compile()
         compile_s = time.perf_counter() - started
         seconds = measure.median_seconds(lambda: compiled(params, x, label), warmup=2, repeats=case['repeats'])
-        nfe = job.sampler.steps * {'euler': 1, 'heun': 2, 'midpoint': 2}[job.sampler.name]
+        nfe = int(compiled(params, x, label)[1][0])  # the solver's own count of network calls per pair
         rate = case['batch'] * nfe / seconds
-        teacher_model = models.build(config.model.copy_and_resolve_references())
-        forward = measure.flops(teacher_model.apply, params, jnp.zeros((1, *shape)), jnp.zeros((1,)))
+        forward = measure.flops(module.apply, params, *zeros)
         result = {**case, 'img_nfe_per_s': rate, 'compile_s': compile_s, 'gflop_per_nfe': forward / 1e9,
                   'mfu': rate * forward / (case['peak_tflops'] * 1e12 * case['devices']),
                   'hours_1m_127': 1e6 * 127 / rate / 3600}

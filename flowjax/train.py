@@ -229,7 +229,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     ckpt.close()
     writer.close()
 
-    meta = {'method': config.method, 'model': json.loads(config.model.to_json()), 'sample_shape': list(sample_shape),
-            'step': int(state.step), 'seed': config.seed, 'flow': json.loads(config.flow.to_json())}
-    checkpoint.export(workdir, state.ema_params, meta)
+    checkpoint.export(workdir, state.ema_params, export_meta(config, sample_shape, int(state.step)))
     return state
+
+
+def export_meta(config: ml_collections.ConfigDict, sample_shape: tuple[int, ...], step: int) -> dict:
+    """The meta.json of an export of `config.model` after `step` steps (what later stages read)."""
+    return {'method': config.method, 'model': json.loads(config.model.to_json()), 'sample_shape': list(sample_shape),
+            'step': step, 'seed': config.seed, 'flow': json.loads(config.flow.to_json())}
