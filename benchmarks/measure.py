@@ -6,8 +6,10 @@ import collections
 import gzip
 import json
 import math
+import os
 import pathlib
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -109,7 +111,7 @@ def median_seconds(fn: Callable[[], object], *, warmup: int, repeats: int) -> fl
 
 def peak_memory_gib() -> float | None:
     """Peak device memory of this process (GiB) where the backend reports it (GPU / TPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get('peak_bytes_in_use')
     return None if peak is None else peak / 2 ** 30
 
@@ -120,20 +122,57 @@ def peak_memory_gib() -> float | None:
 
 
 def run_isolated(script: str, case: dict, timeout: float) -> dict:
-    """Runs `python <script> --case <json>` and returns the JSON object on its last stdout line."""
+    """Runs `python <script> --case <json>` and returns the JSON object on its last stdout line.
+
+    With case['processes'] = P > 1 the case runs as P processes of one jax.distributed job on this
+    host, process i seeing only its share of the GPUs (as a cluster launch with one process per
+    GPU does); the result is process 0's.
+    """
+    count = case.get('processes', 1)
     cmd = [sys.executable, script, '--case', json.dumps(case)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        stderr = e.stderr.decode(errors='replace') if isinstance(e.stderr, bytes) else (e.stderr or '')
-        last = (stderr.strip().splitlines() or ['nothing logged'])[-1]
-        return {**case, 'error': f'timed out after {timeout:.0f} s; last logged: {last[:200]}'}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        errors = [line for line in done.stderr.splitlines() if re.match(r'[\w.]*(Error|Exception)\b', line)]
-        tail = (errors or done.stderr.strip().splitlines() or ['no output'])[-1]
+    port = _free_port()
+    per = max(case.get('devices', 1) // count, 1)
+    with tempfile.TemporaryDirectory() as logs:
+        children = []
+        for i in range(count):
+            env = dict(os.environ)
+            if count > 1:
+                env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(count),
+                           JAX_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=','.join(map(str, range(i * per, (i + 1) * per))))
+            out, err = open(f'{logs}/{i}.out', 'w+'), open(f'{logs}/{i}.err', 'w+')
+            children.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, env=env), out, err))
+        deadline = time.monotonic() + timeout
+        try:
+            for child, _, _ in children:
+                child.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            for child, _, _ in children:
+                child.kill()
+            children[0][2].seek(0)
+            last = (children[0][2].read().strip().splitlines() or ['nothing logged'])[-1]
+            return {**case, 'error': f'timed out after {timeout:.0f} s; last logged: {last[:200]}'}
+        child, out, err = children[0]
+        out.seek(0)
+        err.seek(0)
+        lines, stderr = out.read().strip().splitlines(), err.read()
+        failed = next((c.returncode for c, _, _ in children if c.returncode), 0)
+    if failed or not lines:
+        errors = [line for line in stderr.splitlines() if re.match(r'[\w.]*(Error|Exception)\b', line)]
+        tail = (errors or stderr.strip().splitlines() or [f'a process exited with status {failed}'])[-1]
         return {**case, 'error': tail[:300]}
     return json.loads(lines[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def global_array(value, sharding) -> jax.Array:
+    """`value` (the same on every process) as one array laid out by `sharding`, also across processes."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def card(script: str, path: str | None = None, timeout: float = 300) -> dict:
@@ -182,6 +221,10 @@ def drive(script: str, args: argparse.Namespace, run_case: Callable[[dict], dict
     its row as it finishes (and its profile), and ends with `title` and the whole table."""
     if args.case:
         case = json.loads(args.case)
+        if case.get('processes', 1) > 1:
+            from flowjax import main as cli
+
+            cli.initialize_distributed()
         print(json.dumps(card_case() if case.get('card') else run_case(case)))
         return
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='flowjax-bench-'))
@@ -189,6 +232,8 @@ def drive(script: str, args: argparse.Namespace, run_case: Callable[[dict], dict
     found = card(script, args.card)
     print(f"{found['device']}: bf16 matrix rate {found['peak_tflops']:.3g} TFLOP/s (measured; the MFU peak)",
           flush=True)
+    cases = [{**case, 'processes': p} for case in cases for p in getattr(args, 'processes', [1])
+             if case['devices'] % p == 0]
     rows = []
     for i, case in enumerate(cases):
         case = {**case, 'experiment': args.experiment, 'arg': args.arg, 'peak_tflops': found['peak_tflops']}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
 
-COLUMNS = (('devices', 'devices', ''), ('batch', 'batch', ''), ('dtype', 'dtype', ''), ('remat', 'remat', ''),
+COLUMNS = (('devices', 'devices', ''), ('processes', 'processes', ''), ('batch', 'batch', ''), ('dtype', 'dtype', ''), ('remat', 'remat', ''),
            ('n_jitted_steps', 'steps/call', ''), ('dropout', 'dropout', ''), ('data', 'data', ''),
            ('img_per_s', 'img/s', ',.0f'), ('ms_per_step', 'ms/step', '.1f'), ('mfu', 'MFU', '.1%'),
            ('peak_gib', 'peak GiB', '.1f'), ('compile_s', 'compile s', '.0f'), ('note', 'note', ''))
@@ -54,7 +54,7 @@ def run_case(case: dict) -> dict:
             config.data.image = {'name': 'npz', 'path': str(path)}
             batches = datasets.make_batches(config, mesh, case['batch'], config.seed)
         else:
-            fixed = {'x1': jax.device_put(measure.host_array((case['batch'], *shape)), sharding.batch_sharded(mesh))}
+            fixed = {'x1': measure.global_array(measure.host_array((case['batch'], *shape)), sharding.batch_sharded(mesh))}
             batches = lambda step: fixed
         ctx = methods.context(config, mesh)
         tx, schedule = train.optimizer(config.train)
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument('--dropout', type=float, nargs='+', default=[None], help='default: the recipe (0.15)')
     parser.add_argument('--data', nargs='+', default=['synthetic'], choices=['synthetic', 'real'])
     parser.add_argument('--steps', type=int, default=30, help='timed steps per case')
+    parser.add_argument('--processes', type=int, nargs='+', default=[1],
+                        help='run each case as P processes of one jax.distributed job (one per GPU group)')
     args = parser.parse_args()
     grid = itertools.product(args.devices, args.batch, args.dtype, args.remat, args.n_jitted_steps, args.dropout,
                              args.data)

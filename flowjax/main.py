@@ -5,6 +5,7 @@ Flags, config, distributed initialisation, and dispatch to the method `config.me
 
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -86,6 +87,16 @@ def initialize_distributed() -> None:
                  jax.device_count())
 
 
+def check_workdir(workdir: str) -> None:
+    """A local workdir must be a directory this process can create files in (checked before any work)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix='.flowjax-write-check-'):
+            pass
+    except OSError as e:
+        fail(f'--workdir={workdir}: cannot write there ({e.strerror or e}); expected a writable directory')
+
+
 class _QuietLibraries:
     """Hides the INFO chatter of checkpointing internals and backend probing (warnings still show)."""
 
@@ -114,6 +125,7 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value
     if '://' not in workdir:  # local paths absolute (Orbax needs it); bucket paths as given
         workdir = os.path.abspath(workdir)
+        check_workdir(workdir)
     initialize_distributed()
     try:
         METHODS[method](config, workdir)

@@ -1,11 +1,9 @@
-"""The command line: bad input is one line on stderr, the runlocal experiment runs end to end."""
+"""The command line: the runlocal experiment runs end to end (bad input: test_bad_input.py)."""
 
 import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 from conftest import ROOT
 
@@ -23,28 +21,6 @@ def _one_line_error(result, *fragments):
     assert lines[0].startswith('flowjax: error:')
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.mark.parametrize('args, fragments', [
-    (['--config.trainn.steps=3'], ['trainn', 'train']),
-    (['--config.train.stepz=3'], ['stepz', 'steps']),
-    (['--config.train.steps=abc'], ['config.train.steps', 'abc']),
-    (['--config.method=rff'], ['unknown method', 'rff', 'rf']),
-    (['--config.train.steps=-4'], ['train.steps=-4']),
-    (['--config.train.batch_size=12'], ['train.batch_size=12', 'device count (8)']),
-    (['--config.data.target.name=circles'], ['data.target.name', 'circles']),
-    (['--config.model.name=unet3000'], ['model.name', 'unet3000']),
-    (['--config.eval.samplers=("eulr@4",)'], ['eulr']),
-])
-def test_bad_config_is_one_line(tmp_path, args, fragments):
-    result = _main('--config=experiments/toy2d_rf.py:runlocal', f'--workdir={tmp_path}', *args)
-    _one_line_error(result, *fragments)
-
-
-def test_missing_config_file_and_workdir(tmp_path):
-    _one_line_error(_main('--config=experiments/nope.py', f'--workdir={tmp_path}'), '--config')
-    _one_line_error(_main('--config=experiments/toy2d_rf.py:runlocal'), '--workdir')
-    _one_line_error(_main('--config=experiments/toy2d_rf.py:runloca', f'--workdir={tmp_path}'), 'runloca')
 
 
 def test_toy2d_rf_runlocal_end_to_end(tmp_path):

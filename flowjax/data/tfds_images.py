@@ -5,8 +5,10 @@ rows a batch asks for (`take`), in a thread pool, so ImageNet-64 never sits in m
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import io
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -231,6 +233,18 @@ def _first_line(e: BaseException) -> str:
     return f'{type(e).__name__}: {lines[0] if lines else ""}'
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """absl log records below ERROR dropped while the block runs."""
+    logger = logging.getLogger('absl')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_tfds(dataset: str, split: str = 'train', data_dir: str | None = None, image_key: str = 'image',
               label_key: str | None = 'label') -> tuple[TfdsImages, SourceLabels | None]:
     """A tfds dataset already prepared in array_record format, e.g. 'cifar10' or
@@ -240,17 +254,20 @@ def load_tfds(dataset: str, split: str = 'train', data_dir: str | None = None, i
 
     data_dir = os.path.expanduser(data_dir) if data_dir else None  # '' is the default too.
     try:
-        records = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+        with _quiet_absl():  # tfds warns about every folder it probes; the error below says what is wrong
+            records = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many kinds; diagnose with the builder.
         try:
-            builder = tfds.builder(dataset, data_dir=data_dir)
+            with _quiet_absl():
+                builder = tfds.builder(dataset, data_dir=data_dir)
+                prepared = builder.is_prepared()
         except Exception as e2:
             raise errors.UserError(f'tfds dataset {dataset!r}: {_first_line(e2)}') from None
         root = builder._data_dir_root  # pylint: disable=protected-access
         command = f'tfds build {dataset} --file_format=array_record --data_dir={root}'
         if 'imagenet' in dataset:  # Its archives need a login: downloaded by hand.
             command += ' --manual_dir=<folder of the downloaded archives>'
-        if not builder.is_prepared():
+        if not prepared:
             where = '' if data_dir else " (tfds' default data_dir)"
             raise errors.UserError(
                 f"tfds dataset {dataset!r} is not prepared in {root}{where}: prepare it with `{command}` "

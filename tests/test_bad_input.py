@@ -1,0 +1,127 @@
+"""Bad input, as a user meets it on the command line: one error line naming the field or file and
+what was expected (the last line on stderr, after any progress log; no traceback), exit status 2,
+and nothing already written changed.
+
+Each row of CASES runs `python -m flowjax.main` once. `{name}` in an argument is replaced by a path
+from the `made` fixture (teachers, coupling stores and workdirs built once for the module), `{new}`
+by a fresh empty directory.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT, experiment_config
+from flowjax import checkpoint, generate, models, train
+from flowjax.data import couplings
+from flowjax.methods import rf
+
+TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
+TOY_PIPELINE = '--config=experiments/toy2d_reflow.py:runlocal'
+
+# (case, arguments, fragments the one error line must contain)
+CASES = [
+    ('config file missing', ['--config=experiments/nope.py', '--workdir={new}'], ['--config', 'nope.py']),
+    ('unknown experiment argument', ['--config=experiments/toy2d_rf.py:runloca', '--workdir={new}'], ['runloca']),
+    ('workdir missing', [TOY_RF], ['--workdir is required']),
+    ('unknown method', [TOY_RF, '--workdir={new}', '--config.method=rff'], ['unknown method', "'rff'", 'rf']),
+    ('unknown section', [TOY_RF, '--workdir={new}', '--config.trainn.steps=3'], ['trainn', 'train']),
+    ('unknown field', [TOY_RF, '--workdir={new}', '--config.train.stepz=3'], ['stepz', 'steps']),
+    ('wrong type', [TOY_RF, '--workdir={new}', '--config.train.steps=abc'], ['config.train.steps', 'abc']),
+    ('negative steps', [TOY_RF, '--workdir={new}', '--config.train.steps=-4'], ['train.steps=-4', '>= 1']),
+    ('batch not divisible by the devices', [TOY_RF, '--workdir={new}', '--config.train.batch_size=12'],
+     ['train.batch_size=12', 'device count (8)']),
+    ('unknown model', [TOY_RF, '--workdir={new}', '--config.model.name=unet3000'], ['model.name', 'unet3000']),
+    ('unknown toy target', [TOY_RF, '--workdir={new}', '--config.data.target.name=circles'],
+     ['data.target.name', 'circles']),
+    ('unknown solver', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("eulr@4",)'], ['eulr']),
+    ('unknown solver in a pipeline stage', [TOY_PIPELINE, '--workdir={new}', '--config.couplings.generate.sampler=rk99'],
+     ['couplings.generate.sampler', 'rk99']),
+    ('NFE < 1', [TOY_PIPELINE, '--workdir={new}', '--config.couplings.generate.sampler=euler@0'],
+     ['couplings.generate.sampler', 'euler@0']),
+    ('no pairs', [TOY_PIPELINE, '--workdir={new}', '--config.couplings.generate.num_pairs=0'],
+     ['couplings.generate.num_pairs=0', '>= 1']),
+    ('missing teacher export', [TOY_PIPELINE, '--workdir={new}', '--config.teacher.checkpoint={new}/nothing'],
+     ['teacher.checkpoint=', 'no exported model here']),
+    ('teacher of another data shape', ['--config=experiments/digits_reflow.py:runlocal', '--workdir={new}',
+                                       '--config.teacher.checkpoint={teacher_a}'],
+     ['generate.teacher', 'shape [2]', "data.kind='image'"]),
+    ('student shape differs from its init', [TOY_PIPELINE, '--workdir={pipeline_copy}',
+                                             '--config.teacher.checkpoint={teacher_a}',
+                                             '--config.reflow.model.features=(16,)'],
+     ['reflow.init', 'differs from model']),
+    ('coupling store of another teacher', [TOY_PIPELINE, '--workdir={pipeline_copy}',
+                                           '--config.teacher.checkpoint={teacher_b}'],
+     ['couplings', 'coupling store was made with teacher=', 'teacher_b', 'another workdir']),
+    ('truncated coupling shard', [TOY_PIPELINE, '--workdir={truncated}', '--config.teacher.checkpoint={teacher_a}'],
+     ['shard', 'truncated or corrupted']),
+    ('workdir holds another experiment', [TOY_RF, '--workdir={trained}', '--config.seed=1'],
+     ['checkpoints', 'different experiment', 'seed']),
+    ('workdir not writable', [TOY_RF, '--workdir={a_file}/run'], ['--workdir=', 'cannot write there']),
+    ('missing dataset', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}',
+                         '--config.data.image.data_dir={new}'], ["'cifar10'", 'not prepared', 'data.image.data_dir']),
+    ('missing FID weights', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}', '--config.eval.metric=fid'],
+     ['eval.inception_weights', 'Inception weights']),
+]
+
+
+def _export_random_teacher(path, config, seed: int) -> None:
+    """An export of config.model with random weights: what the checks read is its model and shape."""
+    params = models.build(config.model).init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    checkpoint.export(path, params, train.export_meta(config, (2,), config.train.steps))
+
+
+@pytest.fixture(scope='module')
+def made(tmp_path_factory):
+    """Teachers a and b, the runlocal pipeline's coupling store made from a (whole, and with a
+    truncated shard), a workdir with checkpoints of toy2d_rf:runlocal, and a regular file."""
+    root = tmp_path_factory.mktemp('made')
+    pipeline = experiment_config('toy2d_reflow', 'runlocal')
+    for name, seed in (('teacher_a', 0), ('teacher_b', 1)):
+        _export_random_teacher(root / name, pipeline.teacher, seed)
+    store = pipeline.couplings
+    store.generate.teacher = str(root / 'teacher_a')  # what the pipeline passes for a stand-in teacher
+    generate.generate_couplings(store, root / 'pipeline' / 'couplings')
+    shutil.copytree(root / 'pipeline', root / 'truncated')
+    shard = couplings.shard_path(root / 'truncated' / 'couplings', 0)
+    shard.write_bytes(shard.read_bytes()[:100])
+
+    toy = experiment_config('toy2d_rf', 'runlocal')
+    toy.train.steps = toy.train.checkpoint_every
+    toy.eval.samplers = ()
+    rf.run(toy, str(root / 'trained'))
+    (root / 'a_file').write_text('not a directory')
+    return root
+
+
+def _snapshot(root) -> dict[str, str]:
+    """Every file under `root` -> a hash of its bytes."""
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize('case, args, fragments', CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_harmless(made, tmp_path, case, args, fragments):
+    paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
+             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained')}}
+    if any('{pipeline_copy}' in a for a in args):
+        shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
+    before = _snapshot(made), _snapshot(tmp_path)
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    done = subprocess.run([sys.executable, '-m', 'flowjax.main', *(a.format(**paths) for a in args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith('flowjax: error: ')]
+    assert done.returncode == 2 and len(errors) == 1, f'{case}: status {done.returncode}\n{done.stderr[-3000:]}'
+    assert 'Traceback' not in done.stderr and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], f'{case}: {fragment!r} not in {errors[0]!r}'
+    for old, new in zip(before, (_snapshot(made), _snapshot(tmp_path))):
+        changed = [name for name, digest in old.items() if new.get(name) != digest]
+        assert not changed, f'{case}: changed or removed {changed}'
+
