@@ -15,13 +15,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flowjax import errors
+from flowjax import configs, errors
 
 # Sections that define what a checkpoint is; a workdir holding another experiment's
 # checkpoints is refused rather than mixed: every field must match except these, which a
 # resumed run may change (train longer, log or save at another rate, evaluate differently).
 RESUMABLE_CHANGES = ('name', 'eval', 'train.steps', 'train.log_every', 'train.checkpoint_every',
-                     'train.keep_checkpoints', 'train.n_jitted_steps', 'train.remat', 'train.prefetch')
+                     'train.keep_checkpoints', 'train.n_jitted_steps', 'train.remat', 'train.prefetch',
+                     'train.nonfinite')
 
 
 def _jsonable(config: ml_collections.ConfigDict) -> dict:
@@ -39,10 +40,17 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 
 def config_difference(saved: dict, current: dict) -> str | None:
-    """The first field (dotted) on which two configs differ, ignoring RESUMABLE_CHANGES."""
+    """The first field (dotted) on which two configs differ, ignoring RESUMABLE_CHANGES.
+
+    A field the saved config lacks (a checkpoint older than the field) matches while the current
+    value is the field's default in `configs.base()`: what the older code did.
+    """
     a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(_jsonable(configs.base()))
     for field in sorted(set(a) | set(b)):
         if any(field == r or field.startswith(r + '.') for r in RESUMABLE_CHANGES):
+            continue
+        if field not in a and field in defaults and b.get(field) == defaults[field]:
             continue
         if a.get(field) != b.get(field):
             return field
@@ -58,12 +66,22 @@ class Checkpoints:
             max_to_keep=config.train.keep_checkpoints,
             save_interval_steps=config.train.checkpoint_every,
             create=True,
+            cleanup_tmp_directories=True,  # a save that a kill cut short (never read: not finalized)
         )
         self._manager = ocp.CheckpointManager(
             epath.Path(workdir) / 'checkpoints', options=options, item_names=('state', 'config'))
 
+    @property
+    def directory(self) -> epath.Path:
+        return epath.Path(self._manager.directory)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        """Whether the save policy (every `train.checkpoint_every` steps, the first step of a fresh
+        run, a multi-process preemption sync point) asks for a checkpoint after `step`."""
+        return self._manager.should_save(step)
 
     def restore(self, abstract_state: Any) -> Any | None:
         """The latest saved state (sharded like `abstract_state`), or None in a fresh workdir."""
@@ -80,12 +98,13 @@ class Checkpoints:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored['state']
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> None:
+    def save(self, step: int, state: Any) -> None:
+        """Starts saving `state` as `step` (asynchronously; `close` waits); the caller decides when (`due`)."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_jsonable(self._config))),
-            force=force)
+            force=True)
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -44,6 +44,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.lr_final = 1.0  # < 1: cosine decay to lr * lr_final at train.steps; 1: constant
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.ema_decay = 0.999
+    # A step whose loss or gradient norm is not finite changes nothing (params, Adam, EMA); then
+    # 'stop' ends the run with that step's number (nothing after it is saved), 'skip' goes on.
+    c.train.nonfinite = 'stop'
     c.train.log_every = 500
     c.train.checkpoint_every = 2_000
     c.train.keep_checkpoints = 2

@@ -6,13 +6,15 @@ is the same on any number of devices or processes: bit for bit on CPU; on GPU on
 per device (batch_size / local devices) stay the same, since matmul kernels, and with them the last
 bits (which can flip rk45 step decisions), depend on that shape. Process p writes the shards k with
 k % process_count == p over its local devices, with no cross-process collectives; shards already
-on disk are skipped, so a preempted pass resumes where it stopped.
+on disk are skipped, so a preempted pass resumes where it stopped. On SIGTERM (or the first Ctrl-C)
+each process stops after the shard it is writing and the pass raises `errors.Preempted`.
 """
 
 import dataclasses
 import functools
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flowjax import checkpoint, errors, models, sharding, writers
+from flowjax import checkpoint, errors, models, preemption, sharding, writers
 from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
 
@@ -215,6 +217,8 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     elif pi == 0:
         out.mkdir(parents=True, exist_ok=True)
         couplings.write_manifest(out, job.manifest)
+    if pi == 0:  # no process writes before the barrier below
+        couplings.remove_partial_files(out)
     _sync('flowjax-generate-manifest')
     stored = couplings.read_manifest(out)
     if stored is None:
@@ -226,12 +230,18 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     missing = [k for k in owned if k not in present]
     todo = missing if cfg.max_new_shards is None else missing[:cfg.max_new_shards]
     progress = writers.Progress(len(owned), len(owned) - len(missing))
-    nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress)
+    with preemption.Watch() as watch:
+        nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress, watch)
 
     _sync('flowjax-generate-shards')
     if pi == 0:
         _finish(out, stored, total, nfe_sums)
     _sync('flowjax-generate-finish')
+    if preemption.anywhere(watch.signum is not None):  # every process stops, also one that finished its shards
+        signum = watch.signum or signal.SIGTERM
+        raise errors.Preempted(f'{preemption.describe(signum)} in the coupling pass; '
+                               f'{len(couplings.present_shards(out, total))} of {total} shards saved in {out}; '
+                               'rerun the same command to resume', signum)
     if pi == 0 and config.data.kind == 'image' and todo:
         _save_pair_grid(out, couplings.read_manifest(out))
     return _summary(couplings.read_manifest(out), total, len(todo), started)
@@ -250,9 +260,10 @@ def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
 
 
 def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epath.Path, todo: list[int],
-                  done: int, progress: writers.Progress) -> dict[int, tuple[int, int]]:
-    """Solves and writes the shards `todo`; returns {k: (nfe sum, pairs)}. Shard k + 1 is
-    dispatched before shard k is written, so the device works while the host writes."""
+                  done: int, progress: writers.Progress, watch: preemption.Watch) -> dict[int, tuple[int, int]]:
+    """Solves and writes the shards `todo`, or the first of them until `watch` says stop; returns
+    {k: (nfe sum, pairs)}. Shard k + 1 is dispatched before shard k is written, so the device works
+    while the host writes."""
     backward = cfg.direction == 'backward'
     eps = job.manifest['t_eps']
     solve = _pair_solver(job.model, job.sampler, eps if backward else 1.0, 1.0 if backward else eps, mesh)
@@ -296,6 +307,8 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
         seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
         progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,
                                 'mean_nfe': nfe.mean()})
+        if watch.reached(n, n + 1):
+            break
     return nfe_sums
 
 

@@ -46,6 +46,15 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def stopped(e: errors.Preempted) -> None:
+    """Reports a run stopped by a signal (progress saved) as one line and exits with 128 + the signal:
+    143 for SIGTERM, the status a shell gives a process that SIGTERM killed, so a scheduler (SLURM,
+    Kubernetes, a TPU queue) counts the job as terminated by its preemption notice and requeues it
+    rather than marking it failed; 130 for Ctrl-C."""
+    print(f"flowjax: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-override mistakes reported as one line."""
     try:
@@ -131,6 +140,8 @@ def main(argv: list[str]) -> None:
         METHODS[method](config, workdir)
     except errors.UserError as e:
         fail(str(e))
+    except errors.Preempted as e:
+        stopped(e)
     outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export', 'manifest.json')
                if os.path.exists(os.path.join(workdir, name))]
     print(f"flowjax: {method} finished in {workdir}: {', '.join(outputs)}")

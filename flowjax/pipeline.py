@@ -149,7 +149,9 @@ def _publish_report(root: epath.Path, stages: tuple[str, ...]) -> None:
         return
     for stage in reversed(stages):
         if (root / stage / 'report.json').exists():
-            for name in REPORT_FILES:
+            for name in REPORT_FILES:  # each copied whole or not at all: a killed rerun copies it again
                 if (root / stage / name).exists():
-                    (root / stage / name).copy(root / name, overwrite=True)
+                    tmp = root / (name + '.tmp')
+                    (root / stage / name).copy(tmp, overwrite=True)
+                    tmp.replace(root / name)
             return

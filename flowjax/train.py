@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors, models, sharding, writers
+from flowjax import checkpoint, errors, models, preemption, sharding, writers
 from flowjax.data import stream
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
@@ -29,6 +29,8 @@ LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
 # but the inputs and recomputes the whole forward pass (a third more compute, least memory).
 REMAT = {'none': None, 'dots': jax.checkpoint_policies.dots_saveable,
          'full': jax.checkpoint_policies.nothing_saveable}
+# train.nonfinite: what a step with a non-finite loss or gradient norm (which changes nothing) leads to.
+NONFINITE = ('stop', 'skip')
 
 
 @flax.struct.dataclass
@@ -83,6 +85,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
         if cfg[field] % cfg.n_jitted_steps:
             raise errors.ConfigError(f'train.{field}={cfg[field]}: must be a multiple of '
                                      f'train.n_jitted_steps={cfg.n_jitted_steps}')
+    if cfg.nonfinite not in NONFINITE:
+        raise errors.ConfigError(f"train.nonfinite={cfg.nonfinite!r}: expected one of {', '.join(NONFINITE)}")
     if cfg.remat not in REMAT:
         raise errors.ConfigError(f"train.remat={cfg.remat!r}: expected one of {', '.join(REMAT)}")
     if isinstance(cfg.prefetch, bool) or not isinstance(cfg.prefetch, int) or cfg.prefetch < 0:
@@ -96,6 +100,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     Random draws inside `loss_fn` use the partitionable threefry, so each example's
     noise and t depend on (seed, step, example index) and not on how the batch is sharded.
     `remat` (a REMAT key) trades recomputation in the backward pass for activation memory.
+    A step whose loss or gradient norm is not finite keeps params, optimiser state and EMA as they
+    were (a select XLA fuses into the update) and reports `nonfinite` 1; the step counter still
+    advances, so the next step draws new randomness and reads the next batch.
     """
     policy = REMAT[remat]
     grad_fn = jax.value_and_grad(loss_fn if policy is None else jax.checkpoint(loss_fn, policy=policy), has_aux=True)
@@ -103,12 +110,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     def step(state: TrainState, batch: dict, ctx: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(rng, state.step)
         (loss, aux), grads = grad_fn(state.params, batch, key, ctx)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay(decay, state.step)
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step), **aux}
-        return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+                   'nonfinite': 1.0 - finite.astype(jnp.float32), **aux}
+        return TrainState(step=state.step + 1, params=keep(params, state.params),
+                          ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state)), metrics
 
     return step
 
@@ -194,6 +206,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     """Trains to `config.train.steps` (resuming from the latest checkpoint) and exports the EMA weights.
 
     `init_params` starts the student from given weights (e.g. a teacher) instead of random init.
+    On SIGTERM (or the first Ctrl-C) the jit call in flight finishes, its step is saved and
+    `errors.Preempted` is raised; a non-finite step with train.nonfinite='stop' raises a UserError
+    before anything after it is saved.
     """
     cfg = config.train
     validate(cfg, mesh)
@@ -207,30 +222,74 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
         state = init()
     start = int(state.step)
     if start:
-        logging.info('resumed from %s at step %d', workdir / 'checkpoints', start)
+        logging.info('resumed from %s at step %d', ckpt.directory, start)
     step_fn = jit_steps(config, loss_fn, tx, schedule, abstract, mesh)
 
     writer = writers.MetricsWriter(workdir, resume_step=start)
     progress = writers.Progress(cfg.steps, start)
-    pending = []
+    pending, last = [], start  # (steps done before it, metrics) of each jit call since the last log
+    try:
+        with preemption.Watch() as watch:
 
-    def after(done: int, state: TrainState, metrics: dict) -> None:
-        nonlocal pending
-        pending.append(metrics)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            values = jax.device_get(pending)
-            logged = {k: float(np.mean(np.concatenate([m[k] for m in values]))) for k in values[0]}
-            pending = []
-            logged['steps_per_sec'] = progress(done, logged)
-            writer.write(done, logged)
-        ckpt.save(done, state, force=done == cfg.steps)
+            def after(done: int, state: TrainState, metrics: dict) -> None:
+                nonlocal pending, last
+                lo, last = last, done
+                pending.append((lo, metrics))
+                stop = watch.reached(lo, done)
+                log = done % cfg.log_every == 0 or done == cfg.steps
+                save = stop or done == cfg.steps or ckpt.due(done)
+                if log or save:  # the only places the host waits for the devices
+                    pending = jax.device_get(pending)
+                    if cfg.nonfinite == 'stop':
+                        check_finite(pending, ckpt.latest_step())
+                if log:
+                    logged = summarize(pending)
+                    pending = []
+                    logged['steps_per_sec'] = progress(done, logged)
+                    writer.write(done, logged)
+                if save:
+                    ckpt.save(done, state)
+                if stop:
+                    raise errors.Preempted(f'{preemption.describe(watch.signum)} at step {done}; checkpoint saved in '
+                                           f'{ckpt.directory}; rerun the same command to resume', watch.signum)
 
-    state = loop(step_fn, state, ctx, batches, chunks(start, cfg.steps, cfg.n_jitted_steps), cfg.prefetch, after)
-    ckpt.close()
-    writer.close()
+            state = loop(step_fn, state, ctx, batches, chunks(start, cfg.steps, cfg.n_jitted_steps),
+                         cfg.prefetch, after)
+    finally:  # a save in flight completes even when the run stops (non-finite step, preemption, crash)
+        ckpt.close()
+        writer.close()
 
     checkpoint.export(workdir, state.ema_params, export_meta(config, sample_shape, int(state.step)))
     return state
+
+
+def check_finite(pending: list[tuple[int, dict]], last_checkpoint: int | None) -> None:
+    """Raises the one-line UserError naming the first step flagged `nonfinite` in host metrics
+    [(steps done before, metrics with a leading step axis)], if any."""
+    for lo, metrics in pending:
+        bad = np.flatnonzero(metrics['nonfinite'])
+        if bad.size:
+            i = int(bad[0])
+            saved = (f'the last checkpoint (step {last_checkpoint}) is intact' if last_checkpoint is not None
+                     else 'no checkpoint was saved before it')
+            raise errors.UserError(
+                f"train: loss or gradients not finite at step {lo + i + 1} (loss {float(metrics['loss'][i]):.4g}, "
+                f"gradient norm {float(metrics['grad_norm'][i]):.4g}); {saved}; lower train.lr, keep train.grad_clip, "
+                "or set train.nonfinite='skip' to skip such steps")
+
+
+def summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
+    """The logged scalars of host metrics [(steps done before, metrics)]: each metric's mean over
+    the steps that were not skipped; `nonfinite`, how many were (and a warning if any)."""
+    stacked = {k: np.concatenate([np.asarray(m[k]) for _, m in pending]) for k in pending[0][1]}
+    ok = stacked['nonfinite'] == 0
+    logged = {k: float(np.mean(v[ok] if ok.any() else v)) for k, v in stacked.items() if k != 'nonfinite'}
+    logged['nonfinite'] = float(np.sum(~ok))
+    if not ok.all():
+        first = pending[0][0]
+        logging.warning('train: skipped %d of the steps %d..%d (loss or gradients not finite), the first at step %d',
+                        int(np.sum(~ok)), first + 1, first + len(ok), first + int(np.argmin(ok)) + 1)
+    return logged
 
 
 def export_meta(config: ml_collections.ConfigDict, sample_shape: tuple[int, ...], step: int) -> dict:

@@ -19,7 +19,8 @@ def _tensorboard_writer(workdir: epath.Path):
 
 
 class MetricsWriter:
-    """Appends one JSON object a line; on resume, drops lines past the restored step."""
+    """Appends one JSON object a line; on resume, drops lines past the restored step (and a last
+    line that a kill cut short)."""
 
     def __init__(self, workdir: str | epath.Path, *, resume_step: int = 0):
         self._active = jax.process_index() == 0
@@ -28,8 +29,7 @@ class MetricsWriter:
         if not self._active:
             return
         if self._path.exists():  # keep only what the restored checkpoint had already seen
-            kept = [line for line in self._path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get('step', 0) <= resume_step]
+            kept = [line for line in self._path.read_text().splitlines() if _step(line, resume_step + 1) <= resume_step]
             tmp = self._path.parent / (self._path.name + '.tmp')
             tmp.write_text(''.join(line + '\n' for line in kept))
             tmp.replace(self._path)
@@ -47,6 +47,14 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str, unreadable: int) -> int:
+    """The step of a metrics line; `unreadable` for a blank line or one a kill cut short."""
+    try:
+        return int(json.loads(line).get('step', 0))
+    except (ValueError, AttributeError):
+        return unreadable
 
 
 class Progress:

@@ -47,10 +47,23 @@ def shard_path(path: str | epath.Path, k: int) -> epath.Path:
     return epath.Path(path) / f'shard-{k:06d}.npz'
 
 
+_TMP = '.tmp-'  # a file being written is `<name>.tmp-<hex>` until renamed; readers never list it
+
+
 def _write_atomic(target: epath.Path, data: bytes) -> None:
-    tmp = target.parent / f'{target.name}.tmp-{uuid.uuid4().hex}'
+    tmp = target.parent / f'{target.name}{_TMP}{uuid.uuid4().hex}'
     tmp.write_bytes(data)
     tmp.replace(target)
+
+
+def remove_partial_files(path: str | epath.Path) -> None:
+    """Deletes the temporary files a killed writer left in the store at `path` (call it only while
+    no process writes there); the shards and the manifest themselves are always whole."""
+    path = epath.Path(path)
+    if path.exists():
+        for p in path.iterdir():
+            if _TMP in p.name and (p.name.startswith('shard-') or p.name.startswith(MANIFEST)):
+                p.unlink()
 
 
 def _jsonable(value: Any) -> Any:
