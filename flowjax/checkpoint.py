@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -171,13 +172,21 @@ def find_export(path: str | epath.Path) -> tuple[epath.Path, bool]:
 
 
 def load_export(path: str | epath.Path, abstract_params: Any | None = None) -> tuple[Any, dict]:
-    """(params, meta) of an export written by `export` (see `find_export`); a one-line error if it is missing."""
+    """(params, meta) of an export written by `export` (see `find_export`); a one-line error if it is missing.
+
+    Without `abstract_params` the weights come back as numpy arrays on the host of every process,
+    whatever the device topology that saved them (a teacher trained on a pod loads on a laptop);
+    the caller places them on its mesh.
+    """
     path, found = find_export(path)
     if not found:
         raise errors.UserError(f'{path}: no exported model here (expected meta.json and params/ written '
                                'at the end of a training run, in <workdir>/export)')
     meta = json.loads((path / 'meta.json').read_text())
     checkpointer = ocp.StandardCheckpointer()
+    if abstract_params is None:  # numpy leaves: restored on the host, not with the saved shardings
+        stored = checkpointer.metadata(path / 'params').item_metadata.tree
+        abstract_params = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), stored)
     params = checkpointer.restore(path / 'params', abstract_params)
     checkpointer.close()
     return params, meta

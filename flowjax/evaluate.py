@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from scipy import spatial
 
-from flowjax import errors
+from flowjax import errors, sharding
 from flowjax.data import datasets, toy2d
 from flowjax.flows import solvers
 
@@ -171,6 +171,7 @@ def evaluate_models(models: Mapping[str, tuple[Apply, Any]], *, source: np.ndarr
         if plots:
             _plot_samples(workdir / 'samples.png', results, plots, source=source, data=data,
                           title=title)
+    sharding.barrier('flowjax-evaluate-report')  # the other processes find the files written
     return report
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -96,15 +95,16 @@ class Embedder:
         self._fn = jax.jit(features)
 
     def __call__(self, x: np.ndarray | jax.Array) -> np.ndarray:
+        """Every process passes the same images (numpy, or a global array) and gets all their features."""
+        x = sharding.to_host(x)
         out = []
         for lo in range(0, len(x), self.batch_size):
-            chunk = x[lo:lo + self.batch_size]
+            chunk = np.asarray(x[lo:lo + self.batch_size], np.float32)
             valid = len(chunk)
             if valid < self.batch_size:  # pad to the sharded batch; padding rows are dropped
-                chunk = jnp.concatenate([jnp.asarray(chunk), jnp.zeros((self.batch_size - valid, *chunk.shape[1:]),
-                                                                        chunk.dtype)])
-            chunk = jax.device_put(jnp.asarray(chunk, jnp.float32), self._sharding)
-            out.append(np.asarray(self._fn(self._variables, chunk))[:valid])
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid, *chunk.shape[1:]), np.float32)])
+            chunk = jax.device_put(chunk, self._sharding)
+            out.append(sharding.to_host(self._fn(self._variables, chunk))[:valid])
         return np.concatenate(out).astype(np.float64)
 
 
@@ -189,7 +189,7 @@ def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path
             for i, lo in enumerate(range(0, n, batch)):
                 x1, nfe = run(inputs(i), noise(jax.random.fold_in(key, i)))
                 x1 = x1[:n - lo]
-                first = np.asarray(x1[:config.eval.grid]) if first is None else first
+                first = sharding.to_host(x1[:config.eval.grid]) if first is None else first
                 features.append(embed(x1) if embed is not None else None)
                 nfes.append(int(nfe))
             entry[spec.key] = {'nfe': int(round(float(np.mean(nfes))))}
@@ -201,7 +201,7 @@ def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path
             logging.info('evaluate %s %s: %s', name, spec.key, entry[spec.key])
         x0 = noise(jax.random.fold_in(key, 0))[:min(batch, _STRAIGHTNESS_ROWS)]
         xs, vs = evaluate.model_path(apply, config.eval.straightness_steps, eps)(inputs(0), x0)
-        entry.update(evaluate.path_straightness(xs, vs, 1.0 - eps))
+        entry.update(evaluate.path_straightness(sharding.to_host(xs), sharding.to_host(vs), 1.0 - eps))
         if embed is not None:
             entry[f'{metric}_data'] = floor
         results[name] = entry
@@ -211,6 +211,7 @@ def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path
         evaluate.write_report(workdir, report)
         title = f'{config.method} on {datasets.describe(config)}'
         save_grids(workdir / 'samples.png', grids, results, metric=metric, title=title)
+    sharding.barrier('flowjax-evaluate-report')  # the other processes find the files written
     return report
 
 

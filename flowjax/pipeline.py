@@ -26,7 +26,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors
+from flowjax import checkpoint, errors, sharding
 
 # Fields of a stage config that may name an earlier stage.
 REFERENCES = ('generate.teacher', 'reflow.couplings', 'reflow.init', 'reflow.online_teacher',
@@ -139,7 +139,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
             tmp.write_text(json.dumps({'method': cfg.method, 'fingerprint': fingerprints[stage],
                                        'result': results[stage], 'seconds': seconds}, indent=2, default=float))
             tmp.replace(marker)
+        sharding.barrier(f'flowjax-stage-{stage}')  # every process sees the same markers and outputs
     _publish_report(root, tuple(s for s in stages if s not in standins))
+    sharding.barrier('flowjax-pipeline-report')
     return results
 
 
