@@ -199,9 +199,12 @@ def main(argv: list[str]) -> None:
         fail(str(e))
     except errors.Preempted as e:
         stopped(e)
-    outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export', 'manifest.json')
-               if os.path.exists(os.path.join(workdir, name))]
-    print(f"flowjax: {method} finished in {workdir}: {', '.join(outputs)}")
+    import jax
+
+    if jax.process_index() == 0:  # the one process that writes reports says where they are
+        outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export', 'manifest.json')
+                   if os.path.exists(os.path.join(workdir, name))]
+        print(f"flowjax: {method} finished in {workdir}: {', '.join(outputs)}")
 
 
 if __name__ == '__main__':

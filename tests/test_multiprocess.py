@@ -124,6 +124,21 @@ def test_local_launch_failures(tmp_path):
     assert 'stopping the others' in bad.stderr
 
 
+def test_local_launch_gives_each_process_one_gpu(tmp_path):
+    """`gpu` mode: process i sees only GPU i, no CPU platform is forced; a stand-in Python prints what it got."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "process $JAX_PROCESS_ID of $JAX_NUM_PROCESSES: GPU ${CUDA_VISIBLE_DEVICES:-all} '
+                    'platform ${JAX_PLATFORMS:-any}"\n')
+    fake.chmod(0o755)
+    env = _env(PYTHON=str(fake))
+    env.pop('JAX_PLATFORMS')
+    done = subprocess.run(['launch/local.sh', '3', 'gpu', '--', '--config=x.py', f'--workdir={tmp_path}'], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and 'one GPU each' in done.stderr, done.stderr
+    logs = [(tmp_path / 'logs' / f'process_{i}.log').read_text().strip().splitlines()[-1] for i in range(3)]
+    assert logs == [f'process {i} of 3: GPU {i} platform any' for i in range(3)]
+
+
 @pytest.mark.parametrize('env, fragment', [
     ({'JAX_COORDINATOR_ADDRESS': 'localhost:1', 'JAX_NUM_PROCESSES': 'two', 'JAX_PROCESS_ID': '0'},
      "JAX_NUM_PROCESSES='two'"),
