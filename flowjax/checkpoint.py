@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flowjax import configs, errors
+from flowjax import configs, errors, sharding
 
 # Sections that define what a checkpoint is; a workdir holding another experiment's
 # checkpoints is refused rather than mixed: every field must match except these, which a
@@ -135,7 +135,7 @@ def export(workdir: str | epath.Path, params: Any, meta: dict) -> epath.Path:
     primary = jax.process_index() == 0
     if primary and staging.exists():
         staging.rmtree()
-    _barrier('export-staging')
+    sharding.barrier('flowjax-export-staging')
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(staging / 'params', params)
     checkpointer.wait_until_finished()
@@ -150,15 +150,8 @@ def export(workdir: str | epath.Path, params: Any, meta: dict) -> epath.Path:
         staging.rename(path)
         if retired.exists():
             retired.rmtree()
-    _barrier('export-done')
+    sharding.barrier('flowjax-export-done')
     return path
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def find_export(path: str | epath.Path) -> tuple[epath.Path, bool]:

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flowjax import checkpoint, errors, models, preemption, sharding, writers
@@ -189,11 +188,6 @@ def start_key(seed: int, direction: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), _STREAMS[direction])
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
                        devices: Sequence[jax.Device] | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> dict:
@@ -219,7 +213,7 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
         couplings.write_manifest(out, job.manifest)
     if pi == 0:  # no process writes before the barrier below
         couplings.remove_partial_files(out)
-    _sync('flowjax-generate-manifest')
+    sharding.barrier('flowjax-generate-manifest')
     stored = couplings.read_manifest(out)
     if stored is None:
         raise errors.UserError(f'{out}: {couplings.MANIFEST} missing; process 0 writes it first')
@@ -233,10 +227,10 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     with preemption.Watch() as watch:
         nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress, watch)
 
-    _sync('flowjax-generate-shards')
+    sharding.barrier('flowjax-generate-shards')
     if pi == 0:
         _finish(out, stored, total, nfe_sums)
-    _sync('flowjax-generate-finish')
+    sharding.barrier('flowjax-generate-finish')
     if preemption.anywhere(watch.signum is not None):  # every process stops, also one that finished its shards
         signum = watch.signum or signal.SIGTERM
         raise errors.Preempted(f'{preemption.describe(signum)} in the coupling pass; '

@@ -17,6 +17,7 @@
 # are stopped and the script exits with the failed process's status. Python: $PYTHON, else the
 # repository's .venv/bin/python, else python3.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS|gpu -- --config=FILE --workdir=DIR [flowjax.main flags]" >&2
@@ -33,15 +34,7 @@ devices=$2
 [[ $3 == -- ]] || usage "expected -- after DEVICES_PER_PROCESS, got $3"
 shift 3
 
-workdir=
-previous=
-for arg in "$@"; do
-  case $arg in
-    --workdir=*) workdir=${arg#--workdir=} ;;
-    *) [[ $previous == --workdir ]] && workdir=$arg ;;
-  esac
-  previous=$arg
-done
+workdir=$(workdir_flag "$@")
 [[ -n $workdir ]] || usage "--workdir is required (process logs go to <workdir>/logs)"
 if [[ -z ${LOG_DIR:-} && $workdir == *://* ]]; then
   usage "--workdir=$workdir is a bucket path: set LOG_DIR to a local directory for the process logs"
@@ -50,10 +43,7 @@ log_dir=${LOG_DIR:-$workdir/logs}
 mkdir -p "$log_dir"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-python=${PYTHON:-}
-if [[ -z $python ]]; then
-  if [[ -x $root/.venv/bin/python ]]; then python=$root/.venv/bin/python; else python=python3; fi
-fi
+python=$(flowjax_python "$root")
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 
 # This script decides the device count: drop any --xla_force_host_platform_device_count already set.

@@ -21,6 +21,7 @@
 # RUNTIME_VERSION (tpu-ubuntu2204-base), PROJECT (gcloud's default), SPOT (0),
 # REMOTE_DIR (flowjax), JAX_PACKAGE (jax[tpu]).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: launch/tpu_pod.sh [--dry-run] -- --config=FILE --workdir=gs://BUCKET/RUN [flowjax.main flags]" >&2
@@ -34,15 +35,7 @@ if [[ ${1:-} == --dry-run ]]; then dry_run=1; shift; fi
 shift
 [[ $# -gt 0 ]] || usage "no flowjax.main flags after --"
 
-workdir=
-previous=
-for arg in "$@"; do
-  case $arg in
-    --workdir=*) workdir=${arg#--workdir=} ;;
-    *) [[ $previous == --workdir ]] && workdir=$arg ;;
-  esac
-  previous=$arg
-done
+workdir=$(workdir_flag "$@")
 [[ $workdir == gs://* ]] || usage "--workdir=${workdir:-<missing>}: expected a gs:// bucket path (every worker of the pod writes there)"
 
 tpu_name=${TPU_NAME:-flowjax}

@@ -20,7 +20,7 @@ from flowjax.data import couplings
 PIPELINE = ['--config=experiments/toy2d_reflow.py:runlocal', '--config.couplings.generate.shard_size=128',
             '--config.couplings.generate.batch_size=128']
 STUDENTS = ('reflow', 'distill')
-SCRIPTS = ('launch/local.sh', 'launch/slurm.sbatch', 'launch/tpu_pod.sh')
+SCRIPTS = ('launch/local.sh', 'launch/slurm.sbatch', 'launch/tpu_pod.sh', 'launch/common.sh')
 
 
 def _env(**extra):
