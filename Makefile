@@ -20,7 +20,7 @@ demo: $(STAMP)
 	@echo; echo "report: $(WORKDIR)/report.md (and report.json), plot: $(WORKDIR)/samples.png"
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs
