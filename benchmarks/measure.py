@@ -3,6 +3,7 @@ and a summary of a jax.profiler trace. Run the scripts from the repository root.
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import math
@@ -132,14 +133,15 @@ def run_isolated(script: str, case: dict, timeout: float) -> dict:
     cmd = [sys.executable, script, '--case', json.dumps(case)]
     port = _free_port()
     per = max(case.get('devices', 1) // count, 1)
-    with tempfile.TemporaryDirectory() as logs:
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
         children = []
         for i in range(count):
             env = dict(os.environ)
             if count > 1:
+                gpus = ','.join(map(str, range(i * per, (i + 1) * per)))
                 env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(count),
-                           JAX_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=','.join(map(str, range(i * per, (i + 1) * per))))
-            out, err = open(f'{logs}/{i}.out', 'w+'), open(f'{logs}/{i}.err', 'w+')
+                           JAX_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=gpus)
+            out, err = (files.enter_context(open(f'{logs}/{i}.{name}', 'w+')) for name in ('out', 'err'))
             children.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, env=env), out, err))
         deadline = time.monotonic() + timeout
         try:
@@ -151,7 +153,7 @@ def run_isolated(script: str, case: dict, timeout: float) -> dict:
             children[0][2].seek(0)
             last = (children[0][2].read().strip().splitlines() or ['nothing logged'])[-1]
             return {**case, 'error': f'timed out after {timeout:.0f} s; last logged: {last[:200]}'}
-        child, out, err = children[0]
+        _, out, err = children[0]
         out.seek(0)
         err.seek(0)
         lines, stderr = out.read().strip().splitlines(), err.read()
