@@ -224,9 +224,9 @@ def drive(script: str, args: argparse.Namespace, run_case: Callable[[dict], dict
     if args.case:
         case = json.loads(args.case)
         if case.get('processes', 1) > 1:
-            from flowjax import main as cli
+            from flowjax import distributed
 
-            cli.initialize_distributed()
+            distributed.initialize()
         print(json.dumps(card_case() if case.get('card') else run_case(case)))
         return
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='flowjax-bench-'))

@@ -12,11 +12,11 @@ Arguments: `runlocal`, `nf=` U-Net width, `pairs=` number of couplings, `steps=`
 """
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def _stage(method, arg):
-    c = configs.base()
-    c.method = method
+    c = table.config(method)
     c.name = None
     c.seed = 0
     c.data.kind = 'image'

@@ -17,12 +17,12 @@ and few-step Euler), which needs pytorch-fid's Inception weights file (`eval.inc
 from ml_collections import config_dict
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, bf16=False)
-    c = configs.base()
-    c.method = 'rf'
+    c = table.config('rf')
     c.name = 'rf_cifar'
     c.seed = 0
 

@@ -24,6 +24,7 @@ a few steps, LPIPS at 16x16 and no FID: seconds on a CPU, used by the tests on m
 import copy
 
 from flowjax import configs
+from flowjax.methods import table
 
 # Student size -> NCSN++ fields (ALGORITHMS.md section 2; attention at 16x16 in all four).
 SIZES = {
@@ -54,8 +55,7 @@ def get_config(arg=None):
     teacher.eval.samplers = ()  # the pipeline's `evaluate` stage scores all models at the end
 
     def stage(method):
-        c = copy.deepcopy(teacher)
-        c.method = method
+        c = table.for_method(teacher, method)
         return c
 
     couplings = stage('generate')

@@ -18,6 +18,7 @@ Arguments: `runlocal`, `ablation`, `seeds=`, `student_nf=` (8), `steps=` student
 import copy
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def get_config(arg=None):
@@ -25,8 +26,7 @@ def get_config(arg=None):
     recipe = configs.experiment(__file__, 'digits_reflow', 'runlocal' if arg.runlocal else None)
 
     def stage(method):
-        c = copy.deepcopy(recipe.teacher)
-        c.method = method
+        c = table.for_method(recipe.teacher, method)
         c.model.nf = 4 if arg.runlocal else arg.student_nf
         return c
 

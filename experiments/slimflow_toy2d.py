@@ -15,6 +15,7 @@ and reports each arm's mean and spread. Arguments: `runlocal`, `ablation`, `seed
 import copy
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def get_config(arg=None):
@@ -23,8 +24,7 @@ def get_config(arg=None):
                                 f'pairs={arg.pairs}')
 
     def student(method, steps, lr):
-        c = copy.deepcopy(recipe.teacher)
-        c.method = method
+        c = table.for_method(recipe.teacher, method)
         c.model.update(features=(16, 16) if arg.runlocal else (32, 32), time_dim=16)
         c.train.update(steps=40 if arg.runlocal else steps, lr=lr)
         return c

@@ -10,11 +10,11 @@ Arguments: `runlocal`, `target=` (8gaussians, moons, checkerboard, spirals, gmm)
 """
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def _stage(method, arg):
-    c = configs.base()
-    c.method = method
+    c = table.config(method)
     c.name = None
     c.seed = 0
     c.data.target.name = arg.target

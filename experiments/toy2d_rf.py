@@ -9,12 +9,12 @@ Arguments: `runlocal` (a few seconds, for tests), `target=` any toy distribution
 """
 
 from flowjax import configs
+from flowjax.methods import table
 
 
 def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, target='8gaussians', source='normal')
-    config = configs.base()
-    config.method = 'rf'
+    config = table.config('rf')
     config.data.target.name = arg.target
     config.data.source.name = arg.source
 

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flowjax import configs, errors, sharding
+from flowjax import errors, sharding
 
 # Sections that define what a checkpoint is; a workdir holding another experiment's
 # checkpoints is refused rather than mixed: every field must match except these, which a
@@ -40,14 +40,18 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
     return flat
 
 
-def config_difference(saved: dict, current: dict) -> str | None:
+def config_difference(saved: dict, current: dict, defaults: dict | None = None) -> str | None:
     """The first field (dotted) on which two configs differ, ignoring RESUMABLE_CHANGES.
 
-    A field the saved config lacks (a checkpoint older than the field) matches while the current
-    value is the field's default in `configs.base()`: what the older code did.
+    `current` is the part of the config that defines the run (a method's `identity`: its
+    top-level fields and the sections it reads); sections of `saved` outside it (another
+    method's, or one this method does not read) are not compared. A field the saved config
+    lacks (a checkpoint older than the field) matches while the current value is its value in
+    `defaults` (the method's default identity): what the older code did.
     """
-    a, b = _flatten(saved), _flatten(current)
-    defaults = _flatten(_jsonable(configs.base()))
+    a = _flatten({k: v for k, v in saved.items() if k in current})
+    b = _flatten(current)
+    defaults = _flatten(defaults or {})
     for field in sorted(set(a) | set(b)):
         if any(field == r or field.startswith(r + '.') for r in RESUMABLE_CHANGES):
             continue
@@ -61,8 +65,13 @@ def config_difference(saved: dict, current: dict) -> str | None:
 class Checkpoints:
     """Periodic, atomic saves of (state, config) under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | epath.Path, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: str | epath.Path, config: ml_collections.ConfigDict,
+                 identity: dict | None = None, defaults: dict | None = None):
+        """`identity`: the part of `config` a resumed run must match (default: all of it);
+        `defaults`: what a field missing from an older checkpoint's config is compared with."""
         self._config = config
+        self._identity = _jsonable(config) if identity is None else identity
+        self._defaults = defaults
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.train.keep_checkpoints,
             save_interval_steps=config.train.checkpoint_every,
@@ -90,7 +99,7 @@ class Checkpoints:
         if step is None:
             return None
         saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-        field = config_difference(saved, _jsonable(self._config))
+        field = config_difference(saved, self._identity, self._defaults)
         if field is not None:
             raise errors.UserError(
                 f'{self._manager.directory}: holds checkpoints of a different experiment ({field} differs '

@@ -1,7 +1,9 @@
-"""The fields every experiment starts from, and the `:arg` parser of experiment files.
+"""The fields every method shares, and the `:arg` parser of experiment files.
 
-An experiment file's `get_config(arg)` starts from `base()`, sets what it needs, and
-returns the config; main locks it, so a typo in an override is an error.
+`base()` holds what all methods share (data, model, flow, train, eval, the LPIPS network); a
+method's own section comes with the method (`flowjax/methods/table.py: config(name)` gives
+base() plus that section). An experiment file's `get_config(arg)` starts from it, sets what it
+needs, and returns the config; main locks it, so a typo in an override is an error.
 """
 
 import copy
@@ -11,7 +13,7 @@ from ml_collections import config_dict
 
 
 def base() -> ml_collections.ConfigDict:
-    """Defaults shared by all experiments; experiment files override them."""
+    """The sections every method shares; experiment files override them."""
     c = ml_collections.ConfigDict()
     c.method = 'rf'
     c.name = config_dict.placeholder(str)  # the model's name in reports; defaults to the method
@@ -44,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.lr_final = 1.0  # < 1: cosine decay to lr * lr_final at train.steps; 1: constant
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
     c.train.ema_decay = 0.999
+    c.train.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)); False: ema_decay from step 1
     # A step whose loss or gradient norm is not finite changes nothing (params, Adam, EMA); then
     # 'stop' ends the run with that step's number (nothing after it is saved), 'skip' goes on.
     c.train.nonfinite = 'stop'
@@ -55,54 +58,6 @@ def base() -> ml_collections.ConfigDict:
     c.train.n_jitted_steps = 1
     c.train.remat = 'none'
     c.train.prefetch = 2
-
-    # method 'generate': a teacher's couplings, written as shards + manifest in the workdir.
-    c.generate = ml_collections.ConfigDict()
-    c.generate.teacher = config_dict.placeholder(str)  # export dir, or a pipeline stage name
-    c.generate.num_pairs = 10_000
-    c.generate.batch_size = 1_000  # pairs solved at once (split over the local devices)
-    c.generate.shard_size = 1_000  # pairs a shard file; pair i lives in shard i // shard_size
-    c.generate.sampler = 'rk45'  # or 'euler@N', 'heun@N', 'midpoint@N'
-    c.generate.rtol = 1e-5
-    c.generate.atol = 1e-5
-    c.generate.direction = 'backward'  # backward: noise -> data; forward: real data -> noise
-    c.generate.dtype = 'float32'  # storage: float32, bfloat16 or float16
-    c.generate.model_dtype = config_dict.placeholder(str)  # the teacher's compute dtype; None: as trained
-    c.generate.max_new_shards = config_dict.placeholder(int)  # stop after writing this many
-
-    # methods 'reflow' and 'distill': students trained on stored couplings.
-    c.reflow = ml_collections.ConfigDict()
-    c.reflow.couplings = config_dict.placeholder(str)  # coupling store dir, or a stage name
-    c.reflow.init = config_dict.placeholder(str)  # export (or stage) to start from; None: fresh
-    c.reflow.online_teacher = config_dict.placeholder(str)  # set: pairs solved per batch instead
-    c.reflow.online_sampler = 'euler@32'
-
-    c.distill = ml_collections.ConfigDict()
-    c.distill.couplings = config_dict.placeholder(str)
-    c.distill.init = config_dict.placeholder(str)  # the student starts from this export (or stage)
-    c.distill.k = 1  # k = 1: one step from t = eps; k > 1: t on the grid {i / k}
-    c.distill.loss = 'l2'  # or 'pseudo_huber', 'lpips' (see c.lpips)
-    c.distill.huber_c = config_dict.placeholder(float)  # None: 0.00054 * dim (ALGORITHMS.md 3)
-
-    # SlimFlow (ALGORITHMS.md 2). Method 'slimflow_reflow', annealing reflow: `model` (a small
-    # student) from random init on couplings whose noise is mixed, sqrt(1 - b^2) x0 + b eps, with b
-    # following `beta` (schedule linear / exponential / cosine over `steps` = W, or constant `value`).
-    c.slimflow_reflow = ml_collections.ConfigDict()
-    c.slimflow_reflow.couplings = config_dict.placeholder(str)
-    c.slimflow_reflow.beta = ml_collections.ConfigDict({'schedule': 'linear', 'steps': 300_000, 'value': 0.0})
-    c.slimflow_reflow.flip_pairs = config_dict.placeholder(bool)  # x0 and x1 flipped together; None: images on
-
-    # Method 'slimflow_distill', flow-guided distillation: student and frozen teacher both start
-    # from `init` (the annealed student's export); loss D(x0 + v(x0), x1) + guidance * L_2step
-    # with t' ~ U[t_range]; D is `loss` ('lpips' with lpips.resize = 64 in the paper).
-    c.slimflow_distill = ml_collections.ConfigDict()
-    c.slimflow_distill.couplings = config_dict.placeholder(str)
-    c.slimflow_distill.init = config_dict.placeholder(str)
-    c.slimflow_distill.loss = 'l2'  # or 'pseudo_huber', 'lpips'
-    c.slimflow_distill.huber_c = config_dict.placeholder(float)
-    c.slimflow_distill.guidance = 1.0  # lambda, the weight of the 2-step term; 0: plain one-step distillation
-    c.slimflow_distill.t_range = (0.2, 0.8)
-    c.slimflow_distill.flip_pairs = config_dict.placeholder(bool)
 
     # The LPIPS distance of any loss 'lpips': torchvision's VGG16 weights file (vgg16-397923af.pth),
     # the v0.1 linear heads (None: those inside an installed `lpips` package), the size both

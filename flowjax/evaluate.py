@@ -25,6 +25,7 @@ from scipy import spatial
 from flowjax import errors, sharding
 from flowjax.data import datasets, toy2d
 from flowjax.flows import solvers
+from flowjax.methods import method
 
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
@@ -254,13 +255,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mean NFE are reported too; with `eval.groups`, each group's mean / std / min / max
     (`group_statistics`).
     """
-    from flowjax import methods, models  # methods imports this module
+    from flowjax import models
+    from flowjax.methods import training  # it imports this module
 
     check(config)
     loaded = {}
     for entry in config.eval.models:
         label, path = model_entry(entry)
-        module, params, meta = methods.load_model(path, 'eval.models')
+        module, params, meta = training.load_model(path, 'eval.models')
         classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
         conditional = (classes,) if classes else ()
         loaded[label] = (models.apply_fn(module), params, *conditional)
@@ -517,3 +519,9 @@ def save_figure(fig, path: epath.Path, title: str = '') -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     path.write_bytes(buf.getvalue())
+
+
+# Evaluation reads the data, the flow's t_eps and its own `eval` section (eval.models and
+# eval.couplings name earlier stages), not the model or training sections.
+METHOD = method.Method(name='evaluate', run=run, check=check, references=('eval.models', 'eval.couplings'),
+                       reads=('data', 'flow', 'eval'))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -30,6 +31,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flowjax import checkpoint, errors, models, preemption, sharding, writers
 from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
+from flowjax.methods import method
+
+def defaults() -> ml_collections.ConfigDict:
+    """`config.generate`: a teacher's couplings, written as shards + manifest in the workdir."""
+    c = ml_collections.ConfigDict()
+    c.teacher = config_dict.placeholder(str)  # export dir, or a pipeline stage name
+    c.num_pairs = 10_000
+    c.batch_size = 1_000  # pairs solved at once (split over the local devices)
+    c.shard_size = 1_000  # pairs a shard file; pair i lives in shard i // shard_size
+    c.sampler = 'rk45'  # or 'euler@N', 'heun@N', 'midpoint@N'
+    c.rtol = 1e-5
+    c.atol = 1e-5
+    c.direction = 'backward'  # backward: noise -> data; forward: real data -> noise
+    c.dtype = 'float32'  # storage: float32, bfloat16 or float16
+    c.model_dtype = config_dict.placeholder(str)  # the teacher's compute dtype; None: as trained
+    c.max_new_shards = config_dict.placeholder(int)  # stop after writing this many
+    return c
+
 
 MODEL_DTYPES = ('float32', 'bfloat16')  # generate.model_dtype: the teacher's activations in the solve
 DIRECTIONS = ('backward', 'forward')  # backward: noise -> teacher data; forward: real data -> noise
@@ -331,3 +350,9 @@ def _summary(manifest: dict, total: int, new_shards: int, started: float) -> dic
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Method `generate`: the teacher's couplings in `workdir` (see module docstring)."""
     return generate_couplings(config, workdir)
+
+
+# The coupling pass reads the data (its noise and shape) and the flow's t_eps; not the model,
+# training or evaluation sections.
+METHOD = method.Method(name='generate', run=run, check=check, section=defaults,
+                       references=('generate.teacher',), reads=('data', 'flow'))

@@ -4,42 +4,18 @@ Flags, config, distributed initialisation, and dispatch to the method `config.me
 """
 
 import os
-import socket
 import sys
 import tempfile
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flowjax import errors, evaluate, generate, pipeline
-from flowjax.methods import distill, reflow, rf, slimflow
+from flowjax import distributed, errors, pipeline
+from flowjax.methods import table
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/toy2d_rf.py:runlocal',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (or bucket path) for checkpoints, exports and reports.')
-
-# method name -> runner(config, workdir)
-METHODS = {
-    'rf': rf.run,
-    'generate': generate.run,
-    'reflow': reflow.run,
-    'distill': distill.run,
-    'slimflow_reflow': slimflow.run_reflow,
-    'slimflow_distill': slimflow.run_distill,
-    'evaluate': evaluate.run,
-    'pipeline': lambda config, workdir: pipeline.run(config, workdir, METHODS, CHECKS),
-}
-# method name -> static config check (no file access), run on every stage before a pipeline starts
-CHECKS = {
-    'rf': rf.check,
-    'generate': generate.check,
-    'reflow': reflow.check,
-    'distill': distill.check,
-    'slimflow_reflow': slimflow.check_reflow,
-    'slimflow_distill': slimflow.check_distill,
-    'evaluate': evaluate.check,
-}
 
 
 def fail(message: str) -> None:
@@ -71,86 +47,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"bad --config override: {str(e).replace(chr(92) + 'n', ' ')}")
 
 
-def multiprocess_environment() -> bool:
-    """True when launched as one of several processes: an explicit coordinator, SLURM, Open MPI, a GKE TPU
-    pod, or FLOWJAX_DISTRIBUTED=1 (launch/tpu_pod.sh: a Cloud TPU VM pod, which JAX finds through its metadata)."""
-    env = os.environ
-    if env.get('JAX_COORDINATOR_ADDRESS') or env.get('FLOWJAX_DISTRIBUTED') == '1':
-        return True
-    for count in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
-        if int(env.get(count, '1') or '1') > 1:
-            return True
-    return len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
-
-
-# How long a process other than 0 waits for the coordinator (process 0) to come up: jax.distributed's default.
-COORDINATOR_WAIT_S = 300
-
-
-def _explicit_process(env) -> tuple[str, int, int]:
-    """(coordinator, process count, process id) from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
-    address = env['JAX_COORDINATOR_ADDRESS']
-    host, _, port = address.rpartition(':')
-    if not host or not port.isdigit():
-        fail(f'JAX_COORDINATOR_ADDRESS={address!r}: expected host:port, e.g. localhost:12355')
-    values = {}
-    for name in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-        value = env.get(name, '')
-        if not value.strip().isdigit():
-            fail(f'{name}={value!r}: expected a non-negative integer (JAX_COORDINATOR_ADDRESS is set)')
-        values[name] = int(value)
-    count, index = values['JAX_NUM_PROCESSES'], values['JAX_PROCESS_ID']
-    if count < 1 or index >= count:
-        fail(f'JAX_PROCESS_ID={index}, JAX_NUM_PROCESSES={count}: expected 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES')
-    return address, count, index
-
-
-def _wait_for_coordinator(address: str, wait_s: float) -> None:
-    """Returns once the coordinator's port accepts connections; a one-line error after `wait_s` seconds
-    (JAX itself would abort the process with a C++ stack trace)."""
-    host, _, port = address.rpartition(':')
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with socket.create_connection((host.strip('[]'), int(port)), timeout=5):
-                return
-        except socket.gaierror as e:
-            fail(f'JAX_COORDINATOR_ADDRESS={address}: unknown host {host!r} ({e.strerror})')
-        except OSError as e:
-            if time.monotonic() > deadline:
-                fail(f'JAX_COORDINATOR_ADDRESS={address}: no coordinator answered within {wait_s:g} s '
-                     f'({e.strerror or e}); is process 0 running there?')
-            time.sleep(1)
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize` when launched as one of several processes; a failure is one line.
-
-    On the CPU platform the processes' collectives go over gloo (TCP), so the same command runs as N
-    local processes (launch/local.sh) as on a cluster.
-    """
-    import jax
-
-    if not multiprocess_environment():
-        return
-    env = os.environ
-    if env.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' and not env.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    explicit = _explicit_process(env) if env.get('JAX_COORDINATOR_ADDRESS') else None
+def start_distributed() -> None:
+    """`distributed.initialize()`, a failure reported as one line."""
     try:
-        if explicit:
-            address, count, index = explicit
-            if index > 0:
-                _wait_for_coordinator(address, COORDINATOR_WAIT_S)
-            jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
-        else:
-            jax.distributed.initialize()  # detects SLURM, Open MPI and Cloud TPU itself
-        devices = jax.device_count()
-    except Exception as e:  # coordinator unreachable, port taken, a cluster variable jax cannot read
-        where = f'coordinator {explicit[0]}, process {explicit[2]} of {explicit[1]}' if explicit else 'auto-detected'
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        fail(f"distributed initialisation failed ({where}): {type(e).__name__}: {lines[0] if lines else ''}")
-    logging.info('process %d of %d, %d devices in all', jax.process_index(), jax.process_count(), devices)
+        distributed.initialize()
+    except errors.UserError as e:
+        fail(str(e))
 
 
 def check_workdir(workdir: str) -> None:
@@ -183,18 +85,21 @@ def main(argv: list[str]) -> None:
         fail(f'--config: {e}')
     if not _WORKDIR.value:
         fail('--workdir is required, e.g. --workdir=runs/my-experiment')
-    if method not in METHODS:
-        fail(f"config.method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    if method != 'pipeline' and config.get('checkpoint'):
+    if method not in table.METHODS and method != table.PIPELINE:
+        fail(f"config.method: unknown method {method!r} (expected one of {', '.join(table.METHODS)}, pipeline)")
+    if method != table.PIPELINE and config.get('checkpoint'):
         fail('checkpoint: only a pipeline stage can stand in for an existing export '
              '(set <stage>.checkpoint in a pipeline)')
     workdir = _WORKDIR.value
     if '://' not in workdir:  # local paths absolute (Orbax needs it); bucket paths as given
         workdir = os.path.abspath(workdir)
         check_workdir(workdir)
-    initialize_distributed()
+    start_distributed()
     try:
-        METHODS[method](config, workdir)
+        if method == table.PIPELINE:
+            pipeline.run(config, workdir)
+        else:
+            table.METHODS[method].run(config, workdir)
     except errors.UserError as e:
         fail(str(e))
     except errors.Preempted as e:

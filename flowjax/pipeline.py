@@ -6,10 +6,14 @@
     config.couplings = <method 'generate', generate.teacher = 'teacher'>
     ...
 
-A field that names an earlier stage (a teacher, a coupling store, a model to evaluate) is
-replaced by that stage's directory. A finished stage leaves `stage.json` with a fingerprint of
-its config and of the stages it reads; a rerun skips it while both are unchanged, so a
-crashed pipeline resumes at the stage it stopped in (which itself resumes from its checkpoint).
+A field that names an earlier stage (a teacher, a coupling store, a model to evaluate; each
+method declares these fields, `method.Method.references`) is replaced by that stage's
+directory; any other field of the stage's own section that holds an earlier stage's name is an
+error before anything runs. A finished stage leaves `stage.json` with a fingerprint of its
+identity (its top-level fields and the sections its method reads, `method.Method.identity`) and
+of the stages it reads; a rerun skips it while both are unchanged, so a crashed pipeline resumes
+at the stage it stopped in (which itself resumes from its checkpoint), and a change to a section
+the stage does not read reruns nothing.
 
 A stage whose `checkpoint` names an existing export (a workdir or its export/ directory, e.g.
 `--config.teacher.checkpoint=gs://bucket/rf_cifar`) is not run: references to it read that export,
@@ -19,7 +23,7 @@ nothing is written there, and its fingerprint follows the export's path and meta
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -27,11 +31,8 @@ from absl import logging
 from etils import epath
 
 from flowjax import checkpoint, errors, sharding
+from flowjax.methods import method as method_lib, table
 
-# Fields of a stage config that may name an earlier stage.
-REFERENCES = ('generate.teacher', 'reflow.couplings', 'reflow.init', 'reflow.online_teacher',
-              'distill.couplings', 'distill.init', 'eval.couplings',
-              'slimflow_reflow.couplings', 'slimflow_distill.couplings', 'slimflow_distill.init')
 MARKER = 'stage.json'
 REPORT_FILES = ('report.json', 'report.md', 'samples.png')
 
@@ -58,26 +59,31 @@ def _export_meta(stage: str, path: epath.Path) -> str:
     return (export / 'meta.json').read_text()
 
 
-def _stage_config(config: ml_collections.ConfigDict, stage: str, dirs: dict[str, epath.Path],
-                  fingerprints: dict[str, str], standins: set[str]) -> tuple[ml_collections.ConfigDict, str]:
+def _stage_config(config: ml_collections.ConfigDict, stage: str, method: method_lib.Method,
+                  dirs: dict[str, epath.Path], fingerprints: dict[str, str],
+                  standins: set[str]) -> tuple[ml_collections.ConfigDict, str]:
     """The stage's config with stage names replaced by directories, and its fingerprint.
 
-    `fingerprints` holds the stages before this one: a reference to any other is an error.
-    An eval.models entry naming a stand-in stage (in `standins`) keeps the stage name as its label.
+    Only the fields `method` declares as references are resolved; `fingerprints` holds the stages
+    before this one: a reference to any other is an error. An entry of a tuple reference (eval.models)
+    naming a stand-in stage (in `standins`) keeps the stage name as its label.
     """
-    unresolved = config[stage].to_json(sort_keys=True)  # stage names, not paths: a moved workdir still matches
     cfg = ml_collections.ConfigDict(config[stage].to_dict())
+    # stage names, not paths: a moved workdir still matches
+    unresolved = json.dumps(method.identity(cfg), sort_keys=True)
     depends = []
-    for field in REFERENCES:
+    for field in method.references:
         section, name = field.split('.')
-        if section in cfg and cfg[section].get(name):
-            cfg[section][name], ref = _resolve(cfg[section][name], f'{stage}.{field}', dirs)
+        value = cfg[section].get(name) if section in cfg else None
+        if isinstance(value, str) and value:
+            cfg[section][name], ref = _resolve(value, f'{stage}.{field}', dirs)
             depends += [ref] if ref else []
-    if 'eval' in cfg and cfg.eval.get('models'):
-        resolved = [_resolve(m, f'{stage}.eval.models', dirs) for m in cfg.eval.models]
-        cfg.eval.models = tuple(f'{m}={path}' if m in standins else path
-                                for m, (path, _) in zip(cfg.eval.models, resolved))
-        depends += [ref for _, ref in resolved if ref]
+        elif isinstance(value, (tuple, list)) and value:
+            resolved = [_resolve(v, f'{stage}.{field}', dirs) for v in value]
+            cfg[section][name] = tuple(f'{v}={path}' if v in standins else path
+                                       for v, (path, _) in zip(value, resolved))
+            depends += [ref for _, ref in resolved if ref]
+    _check_undeclared(cfg, stage, method, fingerprints)
     for ref in depends:
         if ref not in fingerprints:
             raise errors.ConfigError(f'{stage}: refers to stage {ref!r}, which does not run before it')
@@ -85,14 +91,30 @@ def _stage_config(config: ml_collections.ConfigDict, stage: str, dirs: dict[str,
     return cfg, hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Callable],
-        checks: dict[str, Callable] | None = None) -> dict:
+def _check_undeclared(cfg: ml_collections.ConfigDict, stage: str, method: method_lib.Method,
+                      earlier: Mapping[str, str]) -> None:
+    """A field of the method's own section holding an earlier stage's name, that the method does
+    not declare as a reference, would be read as a path: refused before any stage runs."""
+    if method.name not in cfg or not isinstance(cfg[method.name], ml_collections.ConfigDict):
+        return
+    for name, value in cfg[method.name].items():
+        field = f'{method.name}.{name}'
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        named = [v for v in values if isinstance(v, str) and v in earlier]
+        if named and field not in method.references:
+            raise errors.ConfigError(f'{stage}.{field}={named[0]!r} names a stage, but method {method.name!r} '
+                                     'does not declare that field as a reference (method.Method.references)')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        methods: Mapping[str, method_lib.Method] | None = None) -> dict:
     """Runs `config.stages` in order, skipping stages finished with the same fingerprint.
 
-    `checks` (method -> static config check) run for every stage before the first one starts,
-    so a typo in the last stage does not wait for the first to finish training. A stage with
-    `checkpoint` set stands in for that export: it is neither checked nor run.
+    Every stage's method (from `methods`, default the table) checks its config before the first
+    stage starts, so a typo in the last stage does not wait for the first to finish training. A
+    stage with `checkpoint` set stands in for that export: it is neither checked nor run.
     """
+    methods = table.METHODS if methods is None else methods
     stages = tuple(config.stages)
     if not stages or len(set(stages)) != len(stages):
         raise errors.ConfigError(f'stages={stages}: expected a non-empty tuple of distinct stage names')
@@ -108,15 +130,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
             fingerprints[stage] = hashlib.sha256(text.encode()).hexdigest()[:16]
             standins.add(stage)
             continue
-        cfg, fingerprints[stage] = _stage_config(config, stage, dirs, fingerprints, standins)
-        if cfg.get('method') not in methods or cfg.method == 'pipeline':
-            raise errors.ConfigError(f'{stage}.method: unknown method {cfg.get("method")!r} '
-                                     f"(expected one of {', '.join(m for m in methods if m != 'pipeline')})")
-        if checks and cfg.method in checks:
-            try:
-                checks[cfg.method](cfg)
-            except errors.UserError as e:
-                raise errors.ConfigError(f'{stage}.{e}') from None
+        name = config[stage].get('method')
+        if name not in methods:
+            raise errors.ConfigError(f'{stage}.method: unknown method {name!r} '
+                                     f"(expected one of {', '.join(methods)})")
+        cfg, fingerprints[stage] = _stage_config(config, stage, methods[name], dirs, fingerprints, standins)
+        try:
+            methods[name].check(cfg)
+        except errors.UserError as e:
+            raise errors.ConfigError(f'{stage}.{e}') from None
         planned[stage] = cfg
     results = {}
     for stage in stages:
@@ -131,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, methods: dict[str, Call
             continue
         logging.info('stage %s: method %s in %s', stage, cfg.method, dirs[stage])
         started = time.monotonic()
-        results[stage] = methods[cfg.method](cfg, str(dirs[stage])) or {}
+        results[stage] = methods[cfg.method].run(cfg, str(dirs[stage])) or {}
         seconds = time.monotonic() - started
         logging.info('stage %s: done in %.1f s', stage, seconds)
         if jax.process_index() == 0:

@@ -85,6 +85,8 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
         if cfg[field] % cfg.n_jitted_steps:
             raise errors.ConfigError(f'train.{field}={cfg[field]}: must be a multiple of '
                                      f'train.n_jitted_steps={cfg.n_jitted_steps}')
+    if not isinstance(cfg.ema_warmup, bool):
+        raise errors.ConfigError(f'train.ema_warmup={cfg.ema_warmup!r}: must be True or False')
     if cfg.nonfinite not in NONFINITE:
         raise errors.ConfigError(f"train.nonfinite={cfg.nonfinite!r}: expected one of {', '.join(NONFINITE)}")
     if cfg.remat not in REMAT:
@@ -94,12 +96,15 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, decay: float, rng: jax.Array, remat: str = 'none'):
+                    schedule: optax.Schedule, decay: float, rng: jax.Array, remat: str = 'none',
+                    ema_warmup: bool = True):
     """The pure step (state, batch, ctx) -> (state, metrics); randomness folded with the step.
 
     Random draws inside `loss_fn` use the partitionable threefry, so each example's
     noise and t depend on (seed, step, example index) and not on how the batch is sharded.
     `remat` (a REMAT key) trades recomputation in the backward pass for activation memory.
+    The EMA decays by `decay` with the warm-up rule (`ema_decay`), or by `decay` from the first
+    update when `ema_warmup` is False (rfpp's EMA 0.9999 from step 1).
     A step whose loss or gradient norm is not finite keeps params, optimiser state and EMA as they
     were (a select XLA fuses into the update) and reports `nonfinite` 1; the step counter still
     advances, so the next step draws new randomness and reads the next batch.
@@ -113,7 +118,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        d = ema_decay(decay, state.step)
+        d = ema_decay(decay, state.step) if ema_warmup else decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -195,17 +200,19 @@ def jit_steps(config: ml_collections.ConfigDict, loss_fn: LossFn, tx: optax.Grad
     (remat, EMA) scanned over a tuple of batches, the state donated."""
     cfg = config.train
     step = make_train_step(loss_fn, tx, schedule, cfg.ema_decay,
-                           jax.random.fold_in(jax.random.key(config.seed), 1), cfg.remat)
+                           jax.random.fold_in(jax.random.key(config.seed), 1), cfg.remat, cfg.ema_warmup)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract_state)
     return jax.jit(scan_steps(step), out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, module: nn.Module,
           loss_fn: LossFn, ctx: Any, batches: Callable[[int], dict], sample_shape: tuple[int, ...],
-          mesh, init_params: Any | None = None) -> TrainState:
+          mesh, init_params: Any | None = None, identity: dict | None = None,
+          defaults: dict | None = None) -> TrainState:
     """Trains to `config.train.steps` (resuming from the latest checkpoint) and exports the EMA weights.
 
     `init_params` starts the student from given weights (e.g. a teacher) instead of random init.
+    `identity` / `defaults`: what a resumed run's config must match (`checkpoint.Checkpoints`).
     On SIGTERM (or the first Ctrl-C) the jit call in flight finishes, its step is saved and
     `errors.Preempted` is raised; a non-finite step with train.nonfinite='stop' raises a UserError
     before anything after it is saved.
@@ -216,7 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     workdir.mkdir(parents=True, exist_ok=True)
     tx, schedule = optimizer(cfg)
     abstract, init = init_state(config, module, tx, sample_shape, mesh, init_params)
-    ckpt = checkpoint.Checkpoints(workdir, config)
+    ckpt = checkpoint.Checkpoints(workdir, config, identity, defaults)
     state = ckpt.restore(abstract)
     if state is None:
         state = init()

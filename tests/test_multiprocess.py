@@ -160,7 +160,7 @@ def test_unreachable_coordinator_is_one_line():
     with socket.socket() as s:  # a port nobody listens on once closed
         s.bind(('localhost', 0))
         port = s.getsockname()[1]
-    code = 'from flowjax import main; main.COORDINATOR_WAIT_S = 1; main.initialize_distributed()'
+    code = 'from flowjax import distributed, main; distributed.COORDINATOR_WAIT_S = 1; main.start_distributed()'
     env = _env(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1')
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)

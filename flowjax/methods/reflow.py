@@ -4,14 +4,25 @@ import functools
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
-from flowjax import errors, methods
+from flowjax import errors
 from flowjax.data import couplings, datasets
 from flowjax.flows import solvers
-from flowjax.methods import rf
+from flowjax.methods import method, rf, training
 
 
-def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
+def defaults() -> ml_collections.ConfigDict:
+    """`config.reflow`: students trained on stored couplings, or on pairs solved per batch."""
+    c = ml_collections.ConfigDict()
+    c.couplings = config_dict.placeholder(str)  # coupling store dir, or a stage name
+    c.init = config_dict.placeholder(str)  # export (or stage) to start from; None: fresh
+    c.online_teacher = config_dict.placeholder(str)  # set: pairs solved per batch instead
+    c.online_sampler = 'euler@32'
+    return c
+
+
+def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     """Pairs made on the fly: fresh noise x0, x1 = teacher ODE solve of x0 (no gradient)."""
     x0, label = batch['x0'], ctx.label(batch)
     velocity = functools.partial(_teacher_velocity, ctx, label)
@@ -20,13 +31,13 @@ def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
     return rf.loss_fn(params, pairs if label is None else {**pairs, 'label': label}, rng, ctx)
 
 
-def _teacher_velocity(ctx: methods.Context, label, x, t):
+def _teacher_velocity(ctx: training.Context, label, x, t):
     return ctx.teacher_apply(ctx.teacher_params, x, t, label=label)
 
 
 def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
     """Static checks; returns the online sampler when pairs are solved per batch."""
-    methods.check_training(config)
+    training.check_training(config)
     cfg = config.reflow
     if cfg.online_teacher:
         if cfg.couplings:
@@ -47,18 +58,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.model` on couplings, starting from `reflow.init` (an export) or fresh."""
     sampler = check(config)
     cfg = config.reflow
-    init = methods.load_model(cfg.init, 'reflow.init', config)[1] if cfg.init else None
+    init = training.load_model(cfg.init, 'reflow.init', config)[1] if cfg.init else None
     if sampler is not None:
-        module, teacher_params, _ = methods.load_model(cfg.online_teacher, 'reflow.online_teacher')
+        module, teacher_params, _ = training.load_model(cfg.online_teacher, 'reflow.online_teacher')
 
         def noise(mesh):
             return datasets.make_noise_batches(config, mesh, config.train.batch_size, config.seed)
 
-        return methods.fit(config, workdir, loss_fn=online_loss_fn, batches=noise, init_params=init,
-                           options=sampler, teacher=(module, teacher_params))
+        return training.fit(config, workdir, METHOD, loss_fn=online_loss_fn, batches=noise, init_params=init,
+                            options=sampler, teacher=(module, teacher_params))
 
     def batches(mesh):
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,
                                       expect={'shape': list(datasets.sample_shape(config))})
 
-    return methods.fit(config, workdir, loss_fn=rf.loss_fn, batches=batches, init_params=init)
+    return training.fit(config, workdir, METHOD, loss_fn=rf.loss_fn, batches=batches, init_params=init)
+
+
+METHOD = method.Method(name='reflow', run=run, check=check, section=defaults,
+                       references=('reflow.couplings', 'reflow.init', 'reflow.online_teacher'))

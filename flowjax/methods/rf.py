@@ -3,12 +3,12 @@
 import jax
 import ml_collections
 
-from flowjax import methods
+from flowjax.methods import method, training
 from flowjax.data import datasets
 from flowjax.flows import losses, paths, timesteps
 
 
-def loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
+def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     """t ~ U[eps, 1], x_t = (1 - t) x0 + t x1, loss = mean (v(x_t, t) - (x1 - x0))^2.
 
     x0 is the batch's (a stored coupling) when present, else fresh noise (independent coupling).
@@ -21,7 +21,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: methods.Context):
     return losses.l2(v, paths.linear_velocity(x0, x1)), {}
 
 
-check = methods.check_training
+check = training.check_training
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -31,4 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def batches(mesh):
         return datasets.make_batches(config, mesh, config.train.batch_size, config.seed)
 
-    return methods.fit(config, workdir, loss_fn=loss_fn, batches=batches)
+    return training.fit(config, workdir, METHOD, loss_fn=loss_fn, batches=batches)
+
+
+METHOD = method.Method(name='rf', run=run, check=check)
