@@ -88,10 +88,3 @@ def test_grid(points):
     else:  # close to U[0, 1]
         assert stats.kstest(t, 'uniform').pvalue > 1e-3
 
-
-@pytest.mark.parametrize('fn', [timesteps.uniform, timesteps.u_shaped, timesteps.exp10, timesteps.logit_normal,
-                                timesteps.grid])
-def test_deterministic_and_key_dependent(fn):
-    a, b = fn(jax.random.key(1), 64), fn(jax.random.key(1), 64)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, fn(jax.random.key(2), 64))
