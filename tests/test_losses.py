@@ -30,6 +30,27 @@ def test_l2_is_mean_squared_error():
     assert float(losses.l2(pred, target)) == pytest.approx(17.5)
 
 
+def test_normalized_is_one_with_gradient_over_the_loss():
+    w = jnp.array([0.5, -2.0, 3.0])
+    x = jnp.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])
+
+    def per_example(w):
+        return jnp.sum(jnp.square(x * w), axis=1) + jnp.array([0.0, 1.0])
+
+    np.testing.assert_array_equal(losses.normalized(per_example(w)), [1.0, 1.0])
+    grads = jax.jacobian(lambda w: losses.normalized(per_example(w)))(w)
+    expected = jax.jacobian(per_example)(w) / per_example(w)[:, None]
+    np.testing.assert_allclose(grads, expected, rtol=1e-6)
+
+
+def test_normalized_guards_zero():
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(losses.normalized(jnp.square(x))))(jnp.array([0.0, 2.0]))
+    np.testing.assert_array_equal(grad, [0.0, 1.0])  # d(x^2)/dx / x^2 = 2 / x
+    assert float(value) == 1.0  # 0 / 1e-12 + 4 / 4
+    tiny = losses.normalized(jnp.array([1e-13]))
+    np.testing.assert_allclose(tiny, 0.1, rtol=1e-5)  # divided by the 1e-12 floor
+
+
 def _ctx(apply, options=None):
     return Context(apply=apply, source=lambda key, shape: jax.random.normal(key, shape), t_eps=1e-3,
                    options=options)
