@@ -24,7 +24,7 @@ import measure  # noqa: E402
 
 
 def run_case(case: dict) -> dict:
-    from flowjax import main
+    from flowjax.methods import table
 
     config = measure.experiment(case['experiment'], case.get('arg'))
     if case['stage']:
@@ -35,7 +35,7 @@ def run_case(case: dict) -> dict:
     config.eval.samplers = tuple(case['samplers'])
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        main.METHODS[config.method](config, tmp)
+        table.METHODS[config.method].run(config, tmp)
         seconds = time.perf_counter() - started
         logged = [json.loads(line) for line in (pathlib.Path(tmp) / 'metrics.jsonl').read_text().splitlines()]
         report = json.loads((pathlib.Path(tmp) / 'report.json').read_text())

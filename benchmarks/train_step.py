@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --batch 128 512 --dtype bfloat16 float32
     python benchmarks/train_step.py --batch 128 --data synthetic real --profile
 
-Each case runs in its own process: it builds the recipe's model, loss (methods.rf) and step
+Each case runs in its own process: it builds the recipe's model, loss (flowjax.methods.rf) and step
 (train.jit_steps), warms up, then times `--calls` jit calls of train.loop with one device sync at
 the end. `--data synthetic` feeds one batch that stays on the devices; `real` reads 50,000 uint8
 32x32 images from an .npz through the image pipeline (shuffle, flips, transfer, read-ahead), as
@@ -33,9 +33,9 @@ def run_case(case: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from flowjax import methods, models, sharding, train
+    from flowjax import models, sharding, train
     from flowjax.data import datasets
-    from flowjax.methods import rf
+    from flowjax.methods import rf, training
 
     config = measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg'))
     config.model.dtype = case['dtype']
@@ -56,7 +56,7 @@ def run_case(case: dict) -> dict:
         else:
             fixed = {'x1': measure.global_array(measure.host_array((case['batch'], *shape)), sharding.batch_sharded(mesh))}
             batches = lambda step: fixed
-        ctx = methods.context(config, mesh)
+        ctx = training.context(config, mesh)
         tx, schedule = train.optimizer(config.train)
         abstract, init = train.init_state(config, module, tx, shape, mesh)
         state = init()

@@ -71,7 +71,7 @@ def get_config(arg=None):
     distill.distill.couplings = 'couplings'
     distill.distill.init = 'reflow'
     distill.distill.k = 1
-    distill.distill.loss = 'l2'
+    distill.flow.loss = 'l2'
     distill.train.steps = 12 if arg.runlocal else 500
     distill.train.lr = 2e-4
 

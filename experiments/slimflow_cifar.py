@@ -1,4 +1,4 @@
-"""SlimFlow on CIFAR-10 (ALGORITHMS.md section 2): a small one-step student of a 1-RF teacher.
+"""SlimFlow on CIFAR-10 (docs/methods.md, SlimFlow): a small one-step student of a 1-RF teacher.
 
     python -m flowjax.main --workdir=gs://bucket/slimflow_cifar --config=experiments/slimflow_cifar.py:size=15.7M,\
 data_dir=gs://bucket/tfds,inception=weights/pt_inception-2015-12-05-6726825d.pth,vgg=weights/vgg16-397923af.pth
@@ -26,7 +26,7 @@ import copy
 from flowjax import configs
 from flowjax.methods import table
 
-# Student size -> NCSN++ fields (ALGORITHMS.md section 2; attention at 16x16 in all four).
+# Student size -> NCSN++ fields (docs/methods.md, SlimFlow; attention at 16x16 in all four).
 SIZES = {
     '3.4M': {'nf': 64, 'ch_mult': (1, 1, 2), 'num_res_blocks': 1},
     '7.0M': {'nf': 64, 'ch_mult': (1, 2, 2), 'num_res_blocks': 2},
@@ -71,7 +71,8 @@ def get_config(arg=None):
 
     distill = stage('slimflow_distill')
     distill.model = copy.deepcopy(student.model)
-    distill.slimflow_distill.update(couplings='couplings', loss='lpips', guidance=1.0)
+    distill.slimflow_distill.update(couplings='couplings', guidance=1.0)
+    distill.flow.loss = 'lpips'
     distill.lpips.update(resize=64, vgg_weights=arg.vgg or None)
     distill.train.steps = 200_000
 

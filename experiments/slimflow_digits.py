@@ -10,7 +10,7 @@ reuses a teacher trained there. Then `annealed`: the student (nf 8, 0.05M parame
 init by annealing reflow, b linear from 1 to 0 over the first half of its steps, pairs flipped
 together; `distilled`: its flow-guided one-step distillation (L2: LPIPS needs images of 16x16 or
 more); `evaluate`: `fd_digits` at 1, 2, 4 and 32 Euler steps, parameter counts, `samples.png`.
-`ablation` runs the two comparisons of ALGORITHMS.md section 2 over `seeds=` seeds (3) with the same
+`ablation` runs the two comparisons of docs/methods.md, SlimFlow over `seeds=` seeds (3) with the same
 teacher, couplings and step budgets, and reports each arm's mean and spread (report.md, "Groups").
 Arguments: `runlocal`, `ablation`, `seeds=`, `student_nf=` (8), `steps=` student steps (2000).
 """
@@ -38,7 +38,7 @@ def get_config(arg=None):
 
     distill = stage('slimflow_distill')
     distill.slimflow_distill.couplings = 'couplings'
-    distill.slimflow_distill.loss = 'l2'
+    distill.flow.loss = 'l2'
     distill.train.steps = 12 if arg.runlocal else arg.steps // 2
     distill.train.lr = 2e-4
     distill.train.lr_final = 1.0

@@ -7,7 +7,7 @@ The teacher and its couplings are those of `toy2d_reflow.py` (a 1-RF MLP, 3 x 12
 by RK45). Then `annealed`: a student about 5x smaller (MLP 2 x 32, 16-d time embedding) trained
 from random init by annealing reflow (b linear from 1 to 0 over half its steps); `distilled`: its
 flow-guided one-step distillation (L2); `evaluate`: `w2` at 1, 2, 4 Euler steps and RK45 and each
-model's parameter count. `ablation` runs the two comparisons of ALGORITHMS.md section 2 over
+model's parameter count. `ablation` runs the two comparisons of docs/methods.md, SlimFlow over
 `seeds=` seeds (5) with the same teacher, couplings and step budgets (`configs.slimflow_pipeline`)
 and reports each arm's mean and spread. Arguments: `runlocal`, `ablation`, `seeds=`, `target=`, `pairs=`.
 """
@@ -34,7 +34,8 @@ def get_config(arg=None):
     annealed.slimflow_reflow.beta.steps = annealed.train.steps // 2
 
     distill = student('slimflow_distill', 2000, 5e-4)
-    distill.slimflow_distill.update(couplings='couplings', loss='l2')
+    distill.slimflow_distill.couplings = 'couplings'
+    distill.flow.loss = 'l2'
 
     evaluate = recipe.evaluate
     if arg.ablation:

@@ -53,7 +53,7 @@ def get_config(arg=None):
     distill.distill.couplings = 'couplings'
     distill.distill.init = 'reflow'
     distill.distill.k = 1
-    distill.distill.loss = 'l2'
+    distill.flow.loss = 'l2'
     distill.train.steps = steps or 1500
     distill.train.lr = 5e-4
 

@@ -11,6 +11,8 @@ import copy
 import ml_collections
 from ml_collections import config_dict
 
+from flowjax.flows import objective
+
 
 def base() -> ml_collections.ConfigDict:
     """The sections every method shares; experiment files override them."""
@@ -32,8 +34,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.time_dim = 64
     c.model.dropout = 0.0
 
-    c.flow = ml_collections.ConfigDict()
-    c.flow.t_eps = 1e-3  # training t ~ U[eps, 1]; sampling integrates from eps to 1
+    # The objective every training method's loss reads (flows/objective.py): the time
+    # distribution, the loss and its weighting; t_eps is where sampling starts.
+    c.flow = objective.defaults()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000

@@ -11,6 +11,7 @@ import pytest
 from flowjax import checkpoint, configs, errors, generate, models
 from flowjax.data import couplings, toy2d
 from flowjax.flows import solvers
+from flowjax.methods import table
 
 
 def _export_teacher(path, seed: int) -> None:
@@ -36,8 +37,7 @@ def teachers(tmp_path_factory):
 
 @pytest.fixture
 def config(teachers):
-    config = configs.base()
-    config.method = 'generate'
+    config = table.config('generate')
     config.generate.teacher = str(teachers / 'a')  # the workdir; the export inside it is found
     config.generate.num_pairs = 50
     config.generate.shard_size = 10

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import experiment_config
-from flowjax import errors, generate, methods
+from flowjax import errors, generate
 from flowjax.data import couplings
-from flowjax.methods import distill, reflow, rf
+from flowjax.methods import distill, reflow, rf, table, training
 from flowjax.models import lpips
 
 
@@ -24,8 +24,7 @@ def test_rf_cifar_recipe():
 
 
 def _digits(method, **fields):
-    c = experiment_config('digits_reflow', 'runlocal').teacher
-    c.method = method
+    c = table.for_method(experiment_config('digits_reflow', 'runlocal').teacher, method)
     c.train.steps = 4
     c.eval.samplers = ()
     c.model.update(fields)
@@ -64,7 +63,7 @@ def _npz_without_labels(tmp_path):
 
 
 def test_distill_with_lpips(tmp_path, monkeypatch):
-    """distill.loss='lpips' trains through the LPIPS network (random VGG weights stand in for the file)."""
+    """flow.loss='lpips' in distill trains through the LPIPS network (random VGG weights stand in for the file)."""
     vgg, heads = lpips.random_torch_state_dicts(0)
     variables = lpips.params_from_torch(vgg, heads)
 
@@ -80,7 +79,8 @@ def test_distill_with_lpips(tmp_path, monkeypatch):
     generate.run(pairs, str(tmp_path / 'pairs'))
 
     student = _digits('distill')
-    student.distill.update(couplings=str(tmp_path / 'pairs'), init=str(tmp_path / 'teacher'), loss='lpips')
+    student.distill.update(couplings=str(tmp_path / 'pairs'), init=str(tmp_path / 'teacher'))
+    student.flow.loss = 'lpips'
     student.lpips.update(resize=16, pool='avg')
     distill.run(student, str(tmp_path / 'distill'))
     logged = [json.loads(line) for line in (tmp_path / 'distill' / 'metrics.jsonl').read_text().splitlines()]
@@ -93,7 +93,8 @@ def test_distill_with_lpips(tmp_path, monkeypatch):
 
 def test_lpips_without_weights_is_one_line(tmp_path):
     student = _digits('distill')
-    student.distill.update(couplings=str(tmp_path), init=str(tmp_path), loss='lpips')
+    student.distill.update(couplings=str(tmp_path), init=str(tmp_path))
+    student.flow.loss = 'lpips'
     student.lpips.resize = 64
     with pytest.raises(errors.UserError) as e:
         distill.check(student)

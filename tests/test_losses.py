@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from flowjax.flows import losses
-from flowjax.methods import Context, distill, rf
+from flowjax.flows import objective
+from flowjax.methods import distill, rf
+from flowjax.methods.training import Context
 
 
 def test_pseudo_huber_limits():
@@ -51,9 +53,9 @@ def test_normalized_guards_zero():
     np.testing.assert_allclose(tiny, 0.1, rtol=1e-5)  # divided by the 1e-12 floor
 
 
-def _ctx(apply, options=None):
-    return Context(apply=apply, source=lambda key, shape: jax.random.normal(key, shape), t_eps=1e-3,
-                   options=options)
+def _ctx(apply, options=None, loss='l2'):
+    return Context(apply=apply, source=lambda key, shape: jax.random.normal(key, shape),
+                   flow=objective.Flow(loss=loss), options=options)
 
 
 @pytest.mark.parametrize('k', [1, 4])
@@ -67,9 +69,9 @@ def test_distill_loss_is_zero_for_the_coupling_velocity(k, distance):
 
     batch = {'x0': x0, 'x1': x1}
     exact, _ = distill.loss_fn({'shift': jnp.array([3.0, -1.0])}, batch, jax.random.key(1),
-                               _ctx(apply, (k, distance, None)))
+                               _ctx(apply, distill.Options(k=k), distance))
     wrong, _ = distill.loss_fn({'shift': jnp.array([2.0, -1.0])}, batch, jax.random.key(1),
-                               _ctx(apply, (k, distance, None)))
+                               _ctx(apply, distill.Options(k=k), distance))
     assert float(exact) < 1e-6 and float(wrong) > 1e-3
 
 
@@ -81,7 +83,7 @@ def test_one_step_distill_starts_from_noise_at_eps():
         return jnp.zeros_like(x)
 
     x0 = jax.random.normal(jax.random.key(0), (8, 2))
-    loss, _ = distill.loss_fn({}, {'x0': x0, 'x1': x0 + 1.0}, jax.random.key(1), _ctx(apply, (1, 'l2', None)))
+    loss, _ = distill.loss_fn({}, {'x0': x0, 'x1': x0 + 1.0}, jax.random.key(1), _ctx(apply, distill.Options(k=1)))
     np.testing.assert_array_equal(seen['x'], x0)
     np.testing.assert_allclose(seen['t'], 1e-3)
     assert float(loss) == pytest.approx(1.0)

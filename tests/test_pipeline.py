@@ -8,7 +8,10 @@ import shutil
 import pytest
 
 from conftest import experiment_config
-from flowjax import configs, errors, methods, pipeline
+import dataclasses
+
+from flowjax import configs, errors, pipeline
+from flowjax.methods import table, training
 from test_main import _main, _one_line_error
 
 EXPERIMENT = '--config=experiments/toy2d_reflow.py:runlocal'
@@ -59,12 +62,12 @@ def test_stage_errors_are_one_line(tmp_path):
                     'nowhere')
     _one_line_error(_main(EXPERIMENT, f'--workdir={tmp_path}', '--config.teacher.method=rff'),
                     'teacher.method', 'rff')
-    _one_line_error(_main(EXPERIMENT, f'--workdir={tmp_path}', '--config.distill.distill.loss=l3'),
-                    'distill.loss', 'l3')
+    _one_line_error(_main(EXPERIMENT, f'--workdir={tmp_path}', '--config.distill.flow.loss=l3'),
+                    'flow.loss', 'l3')
 
 
 def test_reference_to_a_later_stage_is_refused(tmp_path):
-    config = configs.pipeline(a=configs.base(), b=configs.base())
+    config = configs.pipeline(a=table.config('rf'), b=table.config('rf'))
     config.a.reflow.couplings = 'b'
     config.a.method = 'reflow'
     with pytest.raises(errors.ConfigError, match="refers to stage 'b'"):
@@ -97,19 +100,17 @@ def _never(name):
 
 
 def test_stage_stands_in_for_an_existing_export(tmp_path, caplog):
-    from flowjax import main
-
     caplog.set_level(logging.INFO)
 
     first, second = tmp_path / 'first', tmp_path / 'second'
     config = _standin_config()
     config.stages = ('teacher',)
-    pipeline.run(config, str(first), main.METHODS, main.CHECKS)
+    pipeline.run(config, str(first))
     teacher = first / 'teacher'
     before = _listing(teacher)
 
     config = _standin_config(**{'teacher.checkpoint': str(teacher)})
-    results = pipeline.run(config, str(second), main.METHODS, main.CHECKS)
+    results = pipeline.run(config, str(second))
     assert results['teacher'] == {'checkpoint': str(teacher)}
     assert f'stage teacher: using the export in {teacher}' in caplog.text
     assert not (second / 'teacher').exists()  # not trained: no checkpoints, metrics or stage.json
@@ -120,7 +121,8 @@ def test_stage_stands_in_for_an_existing_export(tmp_path, caplog):
     assert set(report['teacher']['euler@2']) >= {'w2', 'nfe'}
 
     # A rerun skips every stage; the given export is read, never written.
-    again = pipeline.run(config, str(second), {m: _never(m) for m in main.METHODS}, main.CHECKS)
+    again = pipeline.run(config, str(second),
+                         {m: dataclasses.replace(d, run=_never(m)) for m, d in table.METHODS.items()})
     assert again['couplings'] == results['couplings'] and again['teacher'] == results['teacher']
     assert _listing(teacher) == before
 
@@ -135,10 +137,10 @@ def test_stage_stands_in_for_an_existing_export(tmp_path, caplog):
     export = teacher / 'export'
     pipeline.run(  # no 'rf' method: the stand-in is neither checked nor run
 _standin_config(**{'teacher.checkpoint': str(export)}), str(tmp_path / 'third'),
-                 {'generate': record, 'evaluate': record})
+                 {m: dataclasses.replace(table.METHODS[m], run=record) for m in ('generate', 'evaluate')})
     assert seen['generate'].generate.teacher == str(export)
     assert seen['evaluate'].eval.models == (f'teacher={export}',)
-    methods.load_model(seen['generate'].generate.teacher, 'generate.teacher')
+    training.load_model(seen['generate'].generate.teacher, 'generate.teacher')
 
     # Another export (here a copy with a later step) changes the fingerprints of the stages after it.
     other = tmp_path / 'other'
@@ -147,13 +149,13 @@ _standin_config(**{'teacher.checkpoint': str(export)}), str(tmp_path / 'third'),
     (other / 'export' / 'meta.json').write_text(json.dumps({**meta, 'step': meta['step'] + 1}))
     seen.clear()
     pipeline.run(_standin_config(**{'teacher.checkpoint': str(other)}), str(second),
-                 {'generate': record, 'evaluate': record})
+                 {m: dataclasses.replace(table.METHODS[m], run=record) for m in ('generate', 'evaluate')})
     assert set(seen) == {'generate', 'evaluate'}  # both rerun
     # The same path holding a new export does too.
     (other / 'export' / 'meta.json').write_text(json.dumps({**meta, 'step': meta['step'] + 2}))
     seen.clear()
     pipeline.run(_standin_config(**{'teacher.checkpoint': str(other)}), str(second),
-                 {'generate': record, 'evaluate': record})
+                 {m: dataclasses.replace(table.METHODS[m], run=record) for m in ('generate', 'evaluate')})
     assert set(seen) == {'generate', 'evaluate'}
     assert _listing(teacher) == before
 

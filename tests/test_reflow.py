@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flowjax import checkpoint, errors, generate
-from flowjax.methods import distill, reflow, rf
+from flowjax.methods import distill, reflow, rf, table
 
 from conftest import experiment_config
 
@@ -20,7 +20,7 @@ def teacher_and_pairs(tmp_path_factory):
     config.train.steps = 20
     config.eval.samplers = ()
     rf.run(config, str(root / 'teacher'))
-    config.method = 'generate'
+    config = table.for_method(config, 'generate')
     config.generate.teacher = str(root / 'teacher')
     config.generate.num_pairs = 256
     config.generate.batch_size = 128
@@ -31,11 +31,10 @@ def teacher_and_pairs(tmp_path_factory):
 
 
 def _student(config, method, **section):
-    config = config.copy_and_resolve_references()
-    config.method = method
+    config = table.for_method(config, method)
     config.train.steps = 6
     for key, value in section.items():
-        config[method][key] = value
+        config['flow' if key == 'loss' else method][key] = value
     return config
 
 
@@ -73,7 +72,7 @@ def test_distill_k_steps_trains(teacher_and_pairs, tmp_path):
     ('reflow', {'online_teacher': 'TEACHER', 'online_sampler': 'rk45'}, 'fixed-step'),
     ('reflow', {'couplings': 'PAIRS', 'init': 'nowhere'}, 'nowhere'),
     ('distill', {'couplings': 'PAIRS', 'init': 'TEACHER', 'k': 0}, 'distill.k=0'),
-    ('distill', {'couplings': 'PAIRS', 'init': 'TEACHER', 'loss': 'l7'}, 'distill.loss'),
+    ('distill', {'couplings': 'PAIRS', 'init': 'TEACHER', 'loss': 'l7'}, 'flow.loss'),
     ('distill', {'couplings': 'PAIRS'}, 'distill.init'),
 ])
 def test_config_errors(teacher_and_pairs, tmp_path, method, section, message):

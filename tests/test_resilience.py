@@ -17,7 +17,9 @@ import pytest
 from conftest import ROOT, experiment_config
 from flowjax import checkpoint, configs, errors, generate, models, sharding, train
 from flowjax.data import couplings, toy2d
-from flowjax.methods import Context, rf
+from flowjax.flows import objective
+from flowjax.methods import rf, table
+from flowjax.methods.training import Context
 from test_generate import _assert_same, _export_teacher, _stored
 from test_main import _main, _one_line_error
 
@@ -37,7 +39,7 @@ def _train(config, workdir, *, poison=None, on_read=None):
     mesh = sharding.data_mesh()
     module = models.build(config.model)
     ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source),
-                  t_eps=config.flow.t_eps)
+                  flow=objective.Flow(t_eps=config.flow.t_eps))
     clean = toy2d.make_batches(config.data.target, mesh, config.train.batch_size, config.seed)
 
     def batches(step):
@@ -112,14 +114,17 @@ def test_diverging_run_stops_with_one_line_and_status_2(tmp_path):
 
 
 def test_config_difference_reads_a_missing_field_as_its_default():
-    current = json.loads(configs.base().to_json())
-    saved = json.loads(configs.base().to_json())
-    del saved['train']['b2'], saved['generate']['model_dtype']  # fields newer than the checkpoint
-    assert checkpoint.config_difference(saved, current) is None
+    method = table.METHODS['reflow']
+    defaults = method.default_identity()
+    current = method.identity(table.config('reflow'))
+    saved = json.loads(table.config('reflow').to_json())
+    del saved['train']['b2'], saved['reflow']['online_sampler']  # fields newer than the checkpoint
+    saved['distill'] = {'k': 3}  # another method's section (older checkpoints held every section)
+    assert checkpoint.config_difference(saved, current, defaults) is None
     current['train']['b2'] = 0.95  # not the default, so not what the older run did
-    assert checkpoint.config_difference(saved, current) == 'train.b2'
+    assert checkpoint.config_difference(saved, current, defaults) == 'train.b2'
     current['train']['b2'] = saved['train']['b1'] = 0.5
-    assert checkpoint.config_difference(saved, current) == 'train.b1'  # present fields still compare
+    assert checkpoint.config_difference(saved, current, defaults) == 'train.b1'  # present fields still compare
     assert 'train.nonfinite' in checkpoint.RESUMABLE_CHANGES
 
 
@@ -137,7 +142,7 @@ def test_nonfinite_skip_goes_on_and_counts(tmp_path, caplog):
 def test_a_nonfinite_step_changes_nothing():
     config = _config()
     module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source), t_eps=1e-3)
+    ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source), flow=objective.Flow())
     params = module.init(jax.random.key(0), np.zeros((1, 2), np.float32), np.zeros((1,), np.float32))
     tx, schedule = train.optimizer(config.train)
     state = train.TrainState(step=np.int32(3), params=params, ema_params=jax.tree.map(lambda p: p + 1, params),
@@ -189,8 +194,7 @@ def test_sigterm_saves_the_step_and_resumes_bit_identical(tmp_path, reference):
 
 def test_ctrl_c_in_the_coupling_pass_stops_after_the_shard(tmp_path, monkeypatch):
     _export_teacher(tmp_path / 'teacher', 0)
-    config = configs.base()
-    config.method = 'generate'
+    config = table.config('generate')
     config.generate.update(teacher=str(tmp_path / 'teacher'), num_pairs=50, shard_size=10, batch_size=8,
                            sampler='euler@4')
     generate.generate_couplings(config, tmp_path / 'full')

@@ -11,10 +11,11 @@ import pytest
 
 import mock_tfds
 from conftest import experiment_config
-from flowjax import configs, errors, main, methods, models, pipeline, sharding
+from flowjax import configs, errors, models, pipeline, sharding
 from flowjax.data import couplings
 from flowjax.flows import losses, schedules
-from flowjax.methods import rf, slimflow
+from flowjax.flows import objective
+from flowjax.methods import rf, slimflow_distill, slimflow_reflow, table, training
 from flowjax.models import lpips
 from test_main import _main, _one_line_error
 
@@ -78,7 +79,7 @@ def _ctx(teacher=None, source=None):
     module = models.build(ml_collections.ConfigDict({'name': 'mlp', 'features': (16,), 'time_dim': 8,
                                                      'dropout': 0.0}))
     params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
-    ctx = methods.Context(apply=models.apply_fn(module), source=source or (lambda k, s: jax.random.normal(k, s)))
+    ctx = training.Context(apply=models.apply_fn(module), source=source or (lambda k, s: jax.random.normal(k, s)))
     if teacher is not None:
         t_params = module.init(jax.random.key(teacher), jnp.zeros((1, 2)), jnp.zeros((1,)))
         ctx = ctx.replace(teacher_apply=ctx.apply, teacher_params=t_params)
@@ -95,14 +96,14 @@ def test_annealed_loss_at_the_ends_of_the_schedule():
     rng = jax.random.key(7)
     k_eps, k_rf = jax.random.split(rng)
     batch = _toy_batch(0.0)
-    loss, metrics = slimflow.annealed_loss_fn(params, batch, rng, ctx)
+    loss, metrics = slimflow_reflow.annealed_loss_fn(params, batch, rng, ctx)
     reflow_loss, _ = rf.loss_fn(params, {'x0': batch['x0'], 'x1': batch['x1']}, k_rf, ctx)
     assert loss == reflow_loss and metrics['beta'] == 0.0  # b = 0: reflow on the stored pairs
     batch = _toy_batch(1.0)
-    loss, _ = slimflow.annealed_loss_fn(params, batch, rng, ctx)
+    loss, _ = slimflow_reflow.annealed_loss_fn(params, batch, rng, ctx)
     fresh = ctx.source(k_eps, batch['x0'].shape)  # b = 1: the stored noise is replaced (1-RF)
     assert np.isclose(loss, rf.loss_fn(params, {'x0': fresh, 'x1': batch['x1']}, k_rf, ctx)[0])
-    half, _ = slimflow.annealed_loss_fn(params, _toy_batch(0.6), rng, ctx)
+    half, _ = slimflow_reflow.annealed_loss_fn(params, _toy_batch(0.6), rng, ctx)
     mixed = 0.8 * batch['x0'] + 0.6 * fresh
     assert np.isclose(half, rf.loss_fn(params, {'x0': mixed, 'x1': batch['x1']}, k_rf, ctx)[0])
 
@@ -112,7 +113,8 @@ def test_guided_loss_matches_the_formula_and_its_stop_gradients(distance):
     """L_d + lambda L_2step, the gradient flowing only through v_s(x0) and v_s(z) in `z + v`."""
     ctx, params = _ctx(teacher=3)
     lam, t_range = 0.7, (0.2, 0.8)
-    ctx = ctx.replace(options=(distance, None, lam, t_range), t_eps=1e-3)
+    ctx = ctx.replace(options=slimflow_distill.Options(guidance=lam, t_range=t_range),
+                      flow=objective.Flow(loss=distance))
     batch = _toy_batch(0.0)
     rng = jax.random.key(11)
     k_z, k_t, _ = jax.random.split(rng, 3)
@@ -129,7 +131,7 @@ def test_guided_loss_matches_the_formula_and_its_stop_gradients(distance):
         l_d = jnp.mean(d(batch['x0'] + ctx.apply(p, batch['x0'], eps), batch['x1'], None))
         return l_d + lam * jnp.mean(d(z + ctx.apply(p, z, eps), x_hat, None))
 
-    (loss, metrics), grads = jax.value_and_grad(slimflow.guided_loss_fn, has_aux=True)(params, batch, rng, ctx)
+    (loss, metrics), grads = jax.value_and_grad(slimflow_distill.guided_loss_fn, has_aux=True)(params, batch, rng, ctx)
     want, want_grads = jax.value_and_grad(reference)(params)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(metrics['loss_distill'] + lam * metrics['loss_2step'], loss, rtol=1e-5)
@@ -138,7 +140,7 @@ def test_guided_loss_matches_the_formula_and_its_stop_gradients(distance):
     assert t.min() >= 0.2 and t.max() <= 0.8
 
     # guidance 0: plain one-step distillation, D(x0 + v(x0, eps), x1)
-    plain, _ = slimflow.guided_loss_fn(params, batch, rng, ctx.replace(options=(distance, None, 0.0, t_range)))
+    plain, _ = slimflow_distill.guided_loss_fn(params, batch, rng, ctx.replace(options=slimflow_distill.Options(guidance=0.0, t_range=t_range)))
     np.testing.assert_allclose(plain, jnp.mean(d(batch['x0'] + ctx.apply(params, batch['x0'], eps), batch['x1'],
                                                  None)), rtol=1e-6)
 
@@ -155,15 +157,16 @@ def _toy_stage(method):
     ('slimflow_distill', 'slimflow_distill.init', None, 'slimflow_distill.init: the annealed student'),
     ('slimflow_distill', 'slimflow_distill.guidance', -1.0, 'guidance=-1.0: must be a number >= 0'),
     ('slimflow_distill', 'slimflow_distill.t_range', (0.8, 0.2), 't_range=(0.8, 0.2): expected (lo, hi)'),
-    ('slimflow_distill', 'slimflow_distill.loss', 'lpips', "loss='lpips' needs data.kind='image'"),
-    ('slimflow_distill', 'slimflow_distill.loss', 'l1', "loss='l1': expected one of l2, pseudo_huber, lpips"),
+    ('slimflow_distill', 'flow.loss', 'lpips', "flow.loss='lpips': LPIPS compares images, it needs data.kind='image'"),
+    ('slimflow_distill', 'flow.loss', 'l1', "flow.loss='l1': expected one of l2, pseudo_huber, lpips_huber, lpips"),
 ])
 def test_config_errors(method, field, value, message):
     c = _toy_stage(method)
-    c.slimflow_distill.init = 'annealed'
+    if method == 'slimflow_distill':
+        c.slimflow_distill.init = 'annealed'
     section, name = field.split('.')
     c[section][name] = value
-    check = main.CHECKS[method]
+    check = table.METHODS[method].check
     with pytest.raises(errors.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')) as e:
         check(c)
     assert '\n' not in str(e.value)
@@ -207,7 +210,7 @@ def test_slimflow_toy2d_ablation_runlocal(tmp_path):
         config[stage].slimflow_reflow.beta.steps = 4
     config.teacher.train.steps = 8
     config.evaluate.eval.samplers = ('euler@1',)
-    pipeline.run(config, str(tmp_path), main.METHODS, main.CHECKS)
+    pipeline.run(config, str(tmp_path))
     report = json.loads((tmp_path / 'report.json').read_text())
     for group, prefix in configs.SLIMFLOW_ABLATION.items():
         stats = report['groups'][group]
@@ -268,7 +271,7 @@ def test_slimflow_cifar_recipe():
     s, d = c.annealed, c.distilled
     assert s.slimflow_reflow.beta.to_dict() == {'schedule': 'linear', 'steps': 300_000, 'value': 0.0}
     assert (s.train.batch_size, s.train.lr, s.train.ema_decay, s.model.dropout) == (128, 2e-4, 0.999999, 0.15)
-    assert (d.slimflow_distill.loss, d.lpips.resize, d.slimflow_distill.guidance) == ('lpips', 64, 1.0)
+    assert (d.flow.loss, d.lpips.resize, d.slimflow_distill.guidance) == ('lpips', 64, 1.0)
     assert tuple(d.slimflow_distill.t_range) == (0.2, 0.8) and d.train.lr == 2e-4
     assert c.teacher.model.nf == 128 and c.couplings.generate.num_pairs == 1_000_000
     assert c.evaluate.eval.metric == 'fid' and c.evaluate.eval.num_samples == 50_000
@@ -294,9 +297,9 @@ def test_rf_cifar_then_slimflow_cifar_runlocal_on_mock_cifar10(tmp_path, monkeyp
         assert (tmp_path / 'rf_cifar' / 'samples.png').exists()
 
         config = experiment_config('slimflow_cifar', f'runlocal,data_dir={data_dir}')
-        assert config.distilled.slimflow_distill.loss == 'lpips'
+        assert config.distilled.flow.loss == 'lpips'
         config.teacher.checkpoint = str(tmp_path / 'rf_cifar')
-        pipeline.run(config, str(tmp_path / 'slimflow'), main.METHODS, main.CHECKS)
+        pipeline.run(config, str(tmp_path / 'slimflow'))
     report = json.loads((tmp_path / 'slimflow' / 'report.json').read_text())
     assert report['distilled']['euler@1'] == {'nfe': 1}
     assert report['distilled']['params'] < report['teacher']['params']

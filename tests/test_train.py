@@ -9,14 +9,16 @@ import pytest
 
 from flowjax import checkpoint, errors, models, sharding, train
 from flowjax.data import stream, toy2d
-from flowjax.methods import Context, rf
+from flowjax.flows import objective
+from flowjax.methods import rf
+from flowjax.methods.training import Context
 
 
 def _run(config, workdir, devices=None):
     mesh = sharding.data_mesh(devices)
     module = models.build(config.model)
     ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source),
-                  t_eps=config.flow.t_eps)
+                  flow=objective.Flow(t_eps=config.flow.t_eps))
     batches = toy2d.make_batches(config.data.target, mesh, config.train.batch_size, config.seed)
     return train.train(config, workdir, module=module, loss_fn=rf.loss_fn, ctx=ctx, batches=batches,
                        sample_shape=(2,), mesh=mesh)
@@ -136,7 +138,7 @@ def test_remat_keeps_loss_and_gradients(load_experiment, remat):
     module = models.build(ml_collections.ConfigDict({**config.teacher.model.to_dict(), 'ch_mult': (1,),
                                                      'attn_resolutions': (8,)}))
     ctx = Context(apply=models.apply_fn(module), source=lambda key, shape: jax.random.normal(key, shape),
-                  t_eps=1e-3)
+                  flow=objective.Flow())
     x1 = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     params = module.init(jax.random.key(0), x1, np.zeros((4,), np.float32))
     tx, schedule = train.optimizer(config.teacher.train)

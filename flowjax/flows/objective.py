@@ -123,15 +123,28 @@ class Flow:
         """
         if self.is_default:
             return jnp.mean(losses.per_example_l2(pred, target)), {}
+        per_example, metrics = self._sample_per_example(pred, target, perceptual)
+        return self._reduce(per_example, metrics)
+
+    def sample_distances(self, pred: jax.Array, target: jax.Array, *,
+                         perceptual: Perceptual | None = None) -> jax.Array:
+        """The per-example (B,) terms whose batch mean is `sample_loss` (normalised if `normalize`):
+        for a method that averages parts of one batch separately (SlimFlow's two distillation terms)."""
+        if self.is_default:
+            return losses.per_example_l2(pred, target)
+        per_example, _ = self._sample_per_example(pred, target, perceptual)
+        return losses.normalized(per_example) if self.normalize else per_example
+
+    def _sample_per_example(self, pred, target, perceptual) -> tuple[jax.Array, dict]:
         if self.loss == 'l2':
-            return self._reduce(losses.per_example_l2(pred, target), {})
+            return losses.per_example_l2(pred, target), {}
         if self.loss == 'pseudo_huber':
-            return self._reduce(losses.per_example_pseudo_huber(pred, target, self.huber_c), {})
+            return losses.per_example_pseudo_huber(pred, target, self.huber_c), {}
         lpips = self._perceptual(perceptual)(pred, target)
         if self.loss == 'lpips':
-            return self._reduce(lpips, {})
+            return lpips, {}
         huber = losses.per_example_pseudo_huber(pred, target, self.huber_c)
-        return self._reduce(huber + lpips, {'loss_huber': jnp.mean(huber), 'loss_lpips': jnp.mean(lpips)})
+        return huber + lpips, {'loss_huber': jnp.mean(huber), 'loss_lpips': jnp.mean(lpips)}
 
     def _perceptual(self, perceptual: Perceptual | None) -> Perceptual:
         if perceptual is None:

@@ -1,4 +1,4 @@
-"""Annealing schedules b(k) of a training step k (SlimFlow's noise mixing, ALGORITHMS.md section 2).
+"""Annealing schedules b(k) of a training step k (SlimFlow's noise mixing, docs/methods.md, SlimFlow).
 
 A schedule is a typed config section, never a string to parse:
 

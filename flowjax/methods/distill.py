@@ -19,16 +19,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.couplings = config_dict.placeholder(str)
     c.init = config_dict.placeholder(str)  # the student starts from this export (or stage)
     c.k = 1  # k = 1: one step from t = eps; k > 1: t on the grid {i / k}
-    c.loss = 'l2'  # or 'pseudo_huber', 'lpips' (see c.lpips)
-    c.huber_c = config_dict.placeholder(float)  # None: 0.00054 * dim (docs/methods.md, rfpp)
     return c
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     k: int
-    distance: str
-    huber_c: float | None
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
@@ -36,6 +32,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
 
     i = 0 starts at the noise x0 itself with the network's time eps (for k = 1 this is
     `x0 + v(x0, eps)` against x1); i > 0 starts at x_t = (1 - t) x0 + t x1 and jumps (1 - t) v.
+    The distance is the flow's sample loss (`flow.loss`: l2, pseudo_huber, lpips, lpips_huber).
     """
     x0, x1 = batch['x0'], batch['x1']
     k = ctx.options.k
@@ -45,7 +42,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     x_t = paths.linear(x0, x1, t)
     v = ctx.apply(params, x_t, jnp.maximum(t, ctx.t_eps), k_drop, label=ctx.label(batch))
     x1_hat = x_t + paths.broadcast_time(1.0 - t, x_t) * v
-    return jnp.mean(ctx.distance(ctx.options.distance, x1_hat, x1, ctx.options.huber_c)), {}
+    return ctx.flow.sample_loss(x1_hat, x1, perceptual=ctx.distance_fn())
 
 
 def check(config: ml_collections.ConfigDict) -> Options:
@@ -53,12 +50,11 @@ def check(config: ml_collections.ConfigDict) -> Options:
     cfg = config.distill
     if not isinstance(cfg.k, int) or cfg.k < 1:
         raise errors.ConfigError(f'distill.k={cfg.k}: must be an integer >= 1')
-    training.check_distance(config, 'distill.loss')
     if not cfg.couplings:
         raise errors.ConfigError('distill.couplings: a coupling store directory (or stage name) is required')
     if not cfg.init:
         raise errors.ConfigError('distill.init: the export (or stage) the student starts from is required')
-    return Options(k=cfg.k, distance=cfg.loss, huber_c=cfg.huber_c)
+    return Options(k=cfg.k)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -72,9 +68,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       expect={'shape': list(datasets.sample_shape(config))})
 
     return training.fit(config, workdir, METHOD, loss_fn=loss_fn, batches=batches, init_params=init,
-                        options=options, perceptual=cfg.loss == 'lpips')
+                        options=options)
 
 
 METHOD = method.Method(name='distill', run=run, check=check, section=defaults,
-                       references=('distill.couplings', 'distill.init'),
-                       lpips=lambda config: config.distill.loss == 'lpips')
+                       references=('distill.couplings', 'distill.init'))

@@ -24,10 +24,16 @@ from typing import Any
 import ml_collections
 
 from flowjax import configs
+from flowjax.flows import objective
 
 # The shared sections of `configs.base()` a training method reads; 'lpips' only when its loss
 # uses the LPIPS network (`Method.sections`).
 TRAINING_READS = ('data', 'model', 'flow', 'train', 'eval')
+
+
+def flow_uses_lpips(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config's flow loss needs the LPIPS network (then `config.lpips` is read)."""
+    return 'flow' in config and config.flow.get('loss') in objective.LPIPS_LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Method:
     section: Callable[[], ml_collections.ConfigDict] | None = None
     references: tuple[str, ...] = ()
     reads: tuple[str, ...] = TRAINING_READS
-    lpips: Callable[[ml_collections.ConfigDict], bool] = lambda config: False
+    lpips: Callable[[ml_collections.ConfigDict], bool] = flow_uses_lpips
 
     def defaults(self) -> ml_collections.ConfigDict:
         """`configs.base()` with this method selected and its own section added."""

@@ -1,24 +1,28 @@
-"""1-rectified flow: independent coupling, linear path, L2 on the velocity x1 - x0."""
+"""1-rectified flow: independent coupling, linear path, the flow's loss (default L2) on the
+velocity x1 - x0 (docs/methods.md, Rectified flow (1-RF))."""
 
 import jax
 import ml_collections
 
 from flowjax.methods import method, training
 from flowjax.data import datasets
-from flowjax.flows import losses, paths, timesteps
+from flowjax.flows import paths
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
-    """t ~ U[eps, 1], x_t = (1 - t) x0 + t x1, loss = mean (v(x_t, t) - (x1 - x0))^2.
+    """t from the flow's time distribution, x_t = (1 - t) x0 + t x1, the flow's loss on
+    v(x_t, t) against x1 - x0 (default: t ~ U[eps, 1] and mean (v - (x1 - x0))^2).
 
     x0 is the batch's (a stored coupling) when present, else fresh noise (independent coupling).
     """
     x1 = batch['x1']
     k_t, k_x0, k_drop = jax.random.split(rng, 3)
     x0 = batch['x0'] if 'x0' in batch else ctx.source(k_x0, x1.shape)
-    t = timesteps.uniform(k_t, x1.shape[0], eps=ctx.t_eps)
-    v = ctx.apply(params, paths.linear(x0, x1, t), t, k_drop, label=ctx.label(batch))
-    return losses.l2(v, paths.linear_velocity(x0, x1)), {}
+    t = ctx.flow.sample_t(k_t, x1.shape[0])
+    x_t = paths.linear(x0, x1, t)
+    v = ctx.apply(params, x_t, t, k_drop, label=ctx.label(batch))
+    return ctx.flow.velocity_loss(v, paths.linear_velocity(x0, x1), x_t=x_t, t=t, x1=x1,
+                                  perceptual=ctx.distance_fn())
 
 
 check = training.check_training

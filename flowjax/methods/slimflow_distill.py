@@ -18,12 +18,10 @@ from flowjax.methods import method, slimflow_reflow, training
 
 def defaults() -> ml_collections.ConfigDict:
     """`config.slimflow_distill`: loss D(x0 + v(x0), x1) + guidance * L_2step with t' ~ U[t_range];
-    D is `loss` ('lpips' with lpips.resize = 64 in the paper)."""
+    D is the flow's sample loss, `flow.loss` ('lpips' with lpips.resize = 64 in the paper)."""
     c = ml_collections.ConfigDict()
     c.couplings = config_dict.placeholder(str)
     c.init = config_dict.placeholder(str)
-    c.loss = 'l2'  # or 'pseudo_huber', 'lpips'
-    c.huber_c = config_dict.placeholder(float)
     c.guidance = 1.0  # lambda, the weight of the 2-step term; 0: plain one-step distillation
     c.t_range = (0.2, 0.8)
     c.flip_pairs = config_dict.placeholder(bool)
@@ -32,8 +30,6 @@ def defaults() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    distance: str
-    huber_c: float | None
     guidance: float
     t_range: tuple[float, float]
 
@@ -48,13 +44,13 @@ def guided_loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     """
     x0, x1, label = batch['x0'], batch['x1'], ctx.label(batch)
     o = ctx.options
-    distance, c, guidance, (t_lo, t_hi) = o.distance, o.huber_c, o.guidance, o.t_range
+    guidance, (t_lo, t_hi) = o.guidance, o.t_range
     k_z, k_t, k_drop = jax.random.split(rng, 3)
     n = x0.shape[0]
     if guidance == 0:
         v = ctx.apply(params, x0, jnp.full((n,), ctx.t_eps), k_drop, label=label)
-        loss = jnp.mean(ctx.distance(distance, x0 + v, x1, c))
-        return loss, {'loss_distill': loss}
+        loss, metrics = ctx.flow.sample_loss(x0 + v, x1, perceptual=ctx.distance_fn())
+        return loss, {**metrics, 'loss_distill': loss}
     z = ctx.source(k_z, x0.shape)
     starts = jnp.concatenate([x0, z])
     labels = None if label is None else jnp.concatenate([label, label])
@@ -63,7 +59,8 @@ def guided_loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     t = jax.random.uniform(k_t, (n,), minval=t_lo, maxval=t_hi)
     x_t = z + paths.broadcast_time(t, z) * jax.lax.stop_gradient(v_z)
     x_hat = x_t + paths.broadcast_time(1.0 - t, z) * ctx.teacher_apply(ctx.teacher_params, x_t, t, label=label)
-    d = ctx.distance(distance, starts + v, jnp.concatenate([x1, jax.lax.stop_gradient(x_hat)]), c)
+    d = ctx.flow.sample_distances(starts + v, jnp.concatenate([x1, jax.lax.stop_gradient(x_hat)]),
+                                  perceptual=ctx.distance_fn())
     loss_distill, loss_2step = jnp.mean(d[:n]), jnp.mean(d[n:])
     return loss_distill + guidance * loss_2step, {'loss_distill': loss_distill, 'loss_2step': loss_2step}
 
@@ -72,7 +69,6 @@ def check(config: ml_collections.ConfigDict) -> Options:
     """Static checks of `slimflow_distill`."""
     slimflow_reflow.check_couplings(config, 'slimflow_distill')
     cfg = config.slimflow_distill
-    training.check_distance(config, 'slimflow_distill.loss')
     if not cfg.init:
         raise errors.ConfigError('slimflow_distill.init: the annealed student (export or stage) is required; '
                                  'the student and its frozen teacher both start from it')
@@ -81,8 +77,7 @@ def check(config: ml_collections.ConfigDict) -> Options:
     t_range = tuple(cfg.t_range)
     if len(t_range) != 2 or not 0.0 <= t_range[0] <= t_range[1] <= 1.0:
         raise errors.ConfigError(f'slimflow_distill.t_range={t_range}: expected (lo, hi) with 0 <= lo <= hi <= 1')
-    return Options(distance=cfg.loss, huber_c=cfg.huber_c, guidance=float(cfg.guidance),
-                   t_range=(float(t_range[0]), float(t_range[1])))
+    return Options(guidance=float(cfg.guidance), t_range=(float(t_range[0]), float(t_range[1])))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -92,10 +87,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     module, params, _ = training.load_model(cfg.init, 'slimflow_distill.init', config)
     return training.fit(config, workdir, METHOD, loss_fn=guided_loss_fn,
                         batches=slimflow_reflow.pair_batches(config, 'slimflow_distill'),
-                        init_params=params, options=options, teacher=(module, params),
-                        perceptual=cfg.loss == 'lpips')
+                        init_params=params, options=options, teacher=(module, params))
 
 
 METHOD = method.Method(name='slimflow_distill', run=run, check=check, section=defaults,
-                       references=('slimflow_distill.couplings', 'slimflow_distill.init'),
-                       lpips=lambda config: config.slimflow_distill.loss == 'lpips')
+                       references=('slimflow_distill.couplings', 'slimflow_distill.init'))

@@ -15,7 +15,7 @@ from etils import epath
 
 from flowjax import checkpoint, errors, evaluate, models, sharding, train
 from flowjax.data import datasets
-from flowjax.flows import losses
+from flowjax.flows import objective
 from flowjax.methods import method as method_lib
 
 
@@ -26,7 +26,7 @@ class Context:
 
     apply: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)  # (params, x, t, dropout_rng=None)
     source: Callable[[jax.Array, tuple[int, ...]], jax.Array] = flax.struct.field(pytree_node=False)
-    t_eps: float = flax.struct.field(pytree_node=False, default=1e-3)
+    flow: objective.Flow = flax.struct.field(pytree_node=False, default=objective.Flow())  # config.flow
     conditional: bool = flax.struct.field(pytree_node=False, default=False)  # the model takes class labels
     options: Any = flax.struct.field(pytree_node=False, default=None)  # the method's check() result (frozen)
     teacher_apply: Callable[..., jax.Array] | None = flax.struct.field(pytree_node=False, default=None)
@@ -39,25 +39,26 @@ class Context:
         """The batch's class labels if the model is class-conditional, else None."""
         return batch['label'] if self.conditional else None
 
-    def distance(self, name: str, x: jax.Array, y: jax.Array, c: float | None = None) -> jax.Array:
-        """Per-example distance `name` ('l2', 'pseudo_huber' or 'lpips') between x and y: (B,)."""
-        if name == 'lpips':
-            return self.perceptual(self.perceptual_params, x, y)
-        return losses.PER_EXAMPLE[name](x, y, c)
+    @property
+    def t_eps(self) -> float:
+        """The flow's smallest time: sampling integrates from it, one-step students start there."""
+        return self.flow.t_eps
+
+    def distance_fn(self) -> objective.Perceptual | None:
+        """LPIPS as `(x, y) -> (B,)` for the flow's losses, or None when none is loaded."""
+        if self.perceptual is None:
+            return None
+        return lambda x, y: self.perceptual(self.perceptual_params, x, y)
 
 
-DISTANCES = (*losses.PER_EXAMPLE, 'lpips')
+def flow(config: ml_collections.ConfigDict) -> objective.Flow:
+    """The objective `config.flow` describes (one-line ConfigErrors)."""
+    return objective.from_config(config.flow, data_kind=config.data.kind)
 
 
-def check_distance(config: ml_collections.ConfigDict, field: str) -> None:
-    """`config.<field>` names a distance; 'lpips' needs image data and the VGG16 weights file."""
-    section, name = field.split('.')
-    value = config[section][name]
-    if value not in DISTANCES:
-        raise errors.ConfigError(f"{field}={value!r}: expected one of {', '.join(DISTANCES)}")
-    if value == 'lpips':
-        if config.data.kind != 'image':
-            raise errors.ConfigError(f"{field}='lpips' needs data.kind='image'")
+def check_lpips(config: ml_collections.ConfigDict) -> None:
+    """When the flow's loss uses LPIPS: `config.lpips` is valid and its VGG16 weights file exists."""
+    if method_lib.flow_uses_lpips(config):
         if config.lpips.pool not in ('max', 'avg'):
             raise errors.ConfigError(f"lpips.pool={config.lpips.pool!r}: expected 'max' or 'avg'")
         size = config.lpips.resize or min(datasets.sample_shape(config)[:2])
@@ -86,6 +87,8 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     if models.num_classes(config.model) and config.data.kind != 'image':
         raise errors.ConfigError(f'model.num_classes={config.model.num_classes}: class labels need data.kind=\'image\'')
     train.validate(config.train, sharding.data_mesh())
+    flow(config)
+    check_lpips(config)
     evaluate.check_data(config)
 
 
@@ -100,17 +103,17 @@ def load_model(path: str, field: str, config: ml_collections.ConfigDict | None =
     return models.build(ml_collections.ConfigDict(meta['model'])), params, meta
 
 
-def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None, teacher: tuple[Any, Any] | None = None,
-            perceptual: bool = False) -> Context:
-    """The loss context of `config.model` on `mesh`: `teacher` (module, params) and LPIPS
-    (`perceptual`, from `config.lpips`) placed on every device."""
+def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None,
+            teacher: tuple[Any, Any] | None = None) -> Context:
+    """The loss context of `config.model` and `config.flow` on `mesh`: `teacher` (module, params)
+    and LPIPS (`config.lpips`, when the flow's loss uses it) placed on every device."""
     module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=datasets.noise(config),
-                  t_eps=config.flow.t_eps, options=options, conditional=models.num_classes(config.model) > 0)
+    ctx = Context(apply=models.apply_fn(module), source=datasets.noise(config), flow=flow(config),
+                  options=options, conditional=models.num_classes(config.model) > 0)
     if teacher is not None:
         ctx = ctx.replace(teacher_apply=models.apply_fn(teacher[0]),
                           teacher_params=jax.device_put(teacher[1], sharding.replicated(mesh)))
-    if perceptual:
+    if ctx.flow.uses_lpips:
         fn, variables = load_perceptual(config)
         ctx = ctx.replace(perceptual=fn, perceptual_params=jax.device_put(variables, sharding.replicated(mesh)))
     return ctx
@@ -118,17 +121,16 @@ def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None, tea
 
 def fit(config: ml_collections.ConfigDict, workdir: str, method: method_lib.Method, *, loss_fn,
         batches: Callable[[Any], Callable[[int], dict]], init_params: Any = None, options: Any = None,
-        teacher: tuple[Any, Any] | None = None, perceptual: bool = False) -> dict:
+        teacher: tuple[Any, Any] | None = None) -> dict:
     """Trains `config.model` with `loss_fn` and evaluates its EMA weights (`evaluate.evaluate`).
 
     The caller (the `method` running) has checked the config (`check_training` and its own
     section); a resumed run must match the method's `identity` of the config.
-    `batches(mesh)` builds the step -> global batch function; `teacher` is (module, params);
-    `perceptual` loads LPIPS (`config.lpips`) into the context.
+    `batches(mesh)` builds the step -> global batch function; `teacher` is (module, params).
     """
     mesh = sharding.data_mesh()
     module = models.build(config.model)
-    ctx = context(config, mesh, options=options, teacher=teacher, perceptual=perceptual)
+    ctx = context(config, mesh, options=options, teacher=teacher)
     if init_params is not None:
         init_params = jax.device_put(init_params, sharding.replicated(mesh))
     state = train.train(config, workdir, module=module, loss_fn=loss_fn, ctx=ctx, batches=batches(mesh),
