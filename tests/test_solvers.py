@@ -1,5 +1,9 @@
 """Tests for flowjax.flows.solvers (run on 8 fake CPU devices, see conftest)."""
 
+import dataclasses
+from typing import ClassVar
+
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,3 +252,259 @@ def test_make_sampler_params_are_arguments():
     out_b, _ = run(mlp_params(1), x)
     assert traces[0] == 1 and int(nfe) == 4
     assert float(jnp.max(jnp.abs(out_a - out_b))) > 1e-2
+
+
+# --- Solver objects, per-example windows, time grids ------------------------
+
+def wavy_velocity(x, t):
+    t = _per_example(t, x)
+    return jnp.tanh(x * (1 + t) + jnp.sin(3 * t)) - 0.7 * x
+
+
+def _old_fixed_step(name, velocity, x, t, dt):
+    """The step formulas before solver objects, verbatim."""
+    v = lambda y, s: velocity(y, jnp.full((y.shape[0],), s, jnp.float32))
+    if name == 'euler':
+        dx = dt * v(x, t)
+    elif name == 'midpoint':
+        dx = dt * v(x + 0.5 * dt * v(x, t), t + 0.5 * dt)
+    else:
+        k1 = v(x, t)
+        dx = 0.5 * dt * (k1 + v(x + dt * k1, t + dt))
+    return (x + dx).astype(x.dtype)
+
+
+def _old_solve(name, steps, velocity, x, t0, t1):
+    ts = jnp.linspace(t0, t1, steps + 1, dtype=jnp.float32)
+    body = lambda y, t_dt: (_old_fixed_step(name, velocity, y, *t_dt), None)
+    return jax.lax.scan(body, x, (ts[:-1], ts[1:] - ts[:-1]))[0]
+
+
+def _old_rk45(velocity, x, t0, t1):
+    term = diffrax.ODETerm(lambda t, y, args: velocity(
+        y, jnp.full((y.shape[0],), t, jnp.float32)).astype(y.dtype))
+    sol = diffrax.diffeqsolve(
+        term, diffrax.Dopri5(), t0=t0, t1=t1, dt0=None, y0=x,
+        stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-5),
+        saveat=diffrax.SaveAt(t1=True), max_steps=4096, throw=False)
+    ok = sol.result == diffrax.RESULTS.successful
+    x1 = jnp.where(ok, sol.ys[-1], jnp.nan).astype(x.dtype)
+    return x1, 6 * sol.stats['num_steps'] + 1
+
+
+def _old_trajectory(velocity, x, steps, t0, t1):
+    ts = jnp.linspace(t0, t1, steps + 1, dtype=jnp.float32)
+
+    def body(y, t_dt):
+        t, dt = t_dt
+        v = velocity(y, jnp.full((y.shape[0],), t, jnp.float32))
+        y = (y + dt * v).astype(y.dtype)
+        return y, (y, v.astype(y.dtype))
+
+    _, (xs, vs) = jax.lax.scan(body, x, (ts[:-1], ts[1:] - ts[:-1]))
+    return jnp.concatenate([x[None], xs], axis=0), vs
+
+
+@pytest.mark.parametrize('t0,t1', [(1e-3, 1.0), (1.0, 1e-3), (0.2, 0.7)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_bit_identical_to_old_formulas(t0, t1, dtype):
+    x = jax.random.normal(jax.random.key(4), (8, 3)).astype(dtype)
+    new = lambda s: jax.jit(lambda y: solvers.solve(
+        wavy_velocity, y, solvers.parse_sampler(s), t0=t0, t1=t1))(x)[0]
+    for name, steps in [('euler', 7), ('heun', 5), ('midpoint', 3)]:
+        old = jax.jit(lambda y: _old_solve(name, steps, wavy_velocity, y,
+                                           t0, t1))(x)
+        np.testing.assert_array_equal(new(f'{name}@{steps}'), old)
+        np.testing.assert_array_equal(new(f'{name}@{steps}:uniform'), old)
+    # Stock Dopri5 re-evaluates the first stage; results are the same.
+    old, old_nfe = jax.jit(lambda y: _old_rk45(wavy_velocity, y, t0, t1))(x)
+    out, nfe = jax.jit(lambda y: solvers.solve(
+        wavy_velocity, y, solvers.parse_sampler('rk45'), t0=t0, t1=t1))(x)
+    np.testing.assert_array_equal(out, old)
+    assert out.dtype == dtype and int(nfe) == int(old_nfe)
+    xs, vs = solvers.trajectory(wavy_velocity, x, steps=6, t0=t0, t1=t1)
+    old_xs, old_vs = _old_trajectory(wavy_velocity, x, 6, t0, t1)
+    np.testing.assert_array_equal(xs, old_xs)
+    np.testing.assert_array_equal(vs, old_vs)
+
+
+T0 = np.linspace(1e-3, 0.4, 16, dtype=np.float32)
+T1 = np.where(np.arange(16) % 3 == 0, 0.05, 1.0 - T0).astype(np.float32)
+T1[5] = T0[5]  # An empty window: x stays put.
+
+
+@pytest.mark.parametrize('spec,atol', [
+    ('euler@6', 1e-6), ('heun@8', 1e-6), ('midpoint@8:edm=3', 1e-6),
+    ('heun@8:edm', 1e-6), ('rk45', 2e-4)])
+def test_per_example_windows_match_single(spec, atol):
+    sampler = solvers.parse_sampler(spec)
+    run = jax.jit(lambda x, a, b: solvers.solve(
+        decay_velocity, x, sampler, t0=a, t1=b))
+    out, nfe = run(X0, T0, T1)
+    assert nfe.dtype == jnp.int32
+    for i in range(len(X0)):
+        alone, _ = run(X0[i:i + 1], float(T0[i]), float(T1[i]))
+        np.testing.assert_allclose(out[i:i + 1], alone, atol=atol)
+    np.testing.assert_array_equal(out[5], X0[5])
+
+
+@pytest.mark.parametrize('spec,atol', [('heun@64', 2e-4), ('rk45', 2e-4),
+                                       ('heun@64:edm', 3e-3)])
+def test_per_example_windows_exact(spec, atol):
+    sampler = solvers.parse_sampler(spec)
+    out, _ = jax.jit(lambda x, a, b: solvers.solve(
+        decay_velocity, x, sampler, t0=a, t1=b))(X0, T0, T1)
+    exact = decay_exact(X0, T0[:, None], T1[:, None])
+    np.testing.assert_allclose(out, exact, atol=atol)
+    # A scalar end with an array start broadcasts.
+    out, _ = solvers.solve(decay_velocity, X0, sampler, t0=T0, t1=1.0)
+    np.testing.assert_allclose(out, decay_exact(X0, T0[:, None], 1.0),
+                               atol=atol)
+
+
+def test_per_example_times_shape_checked():
+    with pytest.raises(ValueError, match=r'shape \(16,\), got shape \(4,\)'):
+        solvers.solve(decay_velocity, X0, solvers.Sampler('euler', 2),
+                      t0=T0[:4], t1=1.0)
+
+
+def test_uniform_grid_per_example():
+    ts = np.asarray(solvers.UNIFORM.times(T0, T1, 4))
+    assert ts.shape == (5, 16)
+    np.testing.assert_array_equal(ts[0], T0)
+    np.testing.assert_array_equal(ts[-1], T1)
+    np.testing.assert_allclose(ts, T0 + (T1 - T0) * np.arange(5)[:, None] / 4,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize('rho', [7.0, 3.0, 1.5])
+@pytest.mark.parametrize('t0,t1', [(1e-3, 1.0), (0.05, 0.8)])
+def test_edm_grid(rho, t0, t1):
+    grid = solvers.EdmGrid(rho)
+    ts = np.asarray(grid.times(t0, t1, 10), np.float64)
+    assert ts.dtype == np.float64 and ts.shape == (11,)
+    assert ts[0] == np.float32(t0) and ts[-1] == np.float32(t1)
+    assert np.all(np.diff(ts) > 0)
+    roots = ((1 - ts) / ts) ** (1 / rho)  # sigma_k^(1/rho): linear in k.
+    want = roots[0] + np.arange(11) / 10 * (roots[-1] - roots[0])
+    np.testing.assert_allclose(roots, want, rtol=1e-5, atol=1e-6)
+    back = np.asarray(grid.times(t1, t0, 10))
+    forward = np.asarray(grid.times(t0, t1, 10))
+    np.testing.assert_array_equal(back, forward[::-1])
+    per_example = np.asarray(grid.times(np.full(3, t0, np.float32),
+                                        np.full(3, t1, np.float32), 10))
+    np.testing.assert_allclose(per_example, np.tile(ts[:, None], 3), rtol=1e-6)
+
+
+def test_edm_grid_noise_end_must_be_positive():
+    with pytest.raises(ValueError, match='times must be > 0'):
+        solvers.EdmGrid().times(0.0, 1.0, 4)
+    with pytest.raises(ValueError, match='rho must be a number > 0'):
+        solvers.EdmGrid(0.0)
+
+
+def test_edm_euler_converges():
+    errs = [_err(solvers.parse_sampler(f'euler@{n}:edm'))
+            for n in (32, 64, 128)]
+    ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+    assert all(1.8 <= r <= 2.2 for r in ratios) and errs[-1] < 0.06, errs
+    # The grid is used: it differs from uniform, and inverts back.
+    assert abs(_err(solvers.parse_sampler('euler@32')) - errs[0]) > 1e-2
+    sampler = solvers.parse_sampler('heun@200:edm')
+    x0, _ = solvers.invert(gaussian_velocity, X0, sampler)
+    back, _ = solvers.sample(gaussian_velocity, x0, sampler)
+    np.testing.assert_allclose(back, X0, atol=1e-4)
+
+
+@pytest.mark.parametrize('spec,key,grid', [
+    ('heun@5:edm', 'heun@5:edm', solvers.EdmGrid(7.0)),
+    ('euler@4:edm=3', 'euler@4:edm=3', solvers.EdmGrid(3.0)),
+    ('Euler@4:EDM=2.5', 'euler@4:edm=2.5', solvers.EdmGrid(2.5)),
+    ('midpoint@2:edm=7.0', 'midpoint@2:edm', solvers.EdmGrid()),
+    ('euler@4:edm=.5e1', 'euler@4:edm=5', solvers.EdmGrid(5.0)),
+    ('heun@3:uniform', 'heun@3', solvers.UNIFORM)])
+def test_parse_grid_round_trip(spec, key, grid):
+    sampler = solvers.parse_sampler(spec)
+    assert (sampler.key, sampler.grid) == (key, grid)
+    assert solvers.parse_sampler(key) == sampler
+    assert solvers.parse_sampler(key).key == key
+
+
+@pytest.mark.parametrize('spec,needle', [
+    ('euler@4:foo', "unknown time grid 'foo' (expected uniform, edm, edm=RHO)"),
+    ('euler@4:', "unknown time grid ''"),
+    ('euler@4:uniform=2', "unknown time grid 'uniform=2'"),
+    ('euler@4:edm=0', "time grid 'edm=0': rho must be a number > 0"),
+    ('euler@4:edm=-1', "time grid 'edm=-1': rho must be a number > 0"),
+    ('euler@4:edm=x', "time grid 'edm=x': rho must be a number > 0"),
+    ('euler@4:edm=inf', "time grid 'edm=inf': rho must be a number > 0"),
+    ('euler@4:edm=1e999', "rho must be a number > 0"),
+    ('euler@4:edm=', "time grid 'edm=': rho must be a number > 0"),
+    ('rk45:edm', 'adaptive rk45 takes no time grid'),
+    ('rk45:uniform', 'adaptive rk45 takes no time grid'),
+    ('euler:edm', "fixed-step solvers need '@N' steps"),
+    ('euler@0:edm', 'steps must be an integer >= 1'),
+])
+def test_parse_grid_bad(spec, needle):
+    with pytest.raises(ValueError) as info:
+        solvers.parse_sampler(spec)
+    message = str(info.value)
+    assert '\n' not in message and needle in message, message
+    assert message.startswith(f'sampler {spec!r}: ')
+
+
+def test_solver_objects():
+    assert solvers.Sampler('heun', 4).solver == solvers.Heun(4)
+    assert solvers.Sampler('rk45', rtol=1e-3).solver == solvers.RK45(rtol=1e-3)
+    assert solvers.Euler(4) != solvers.Heun(4)
+    assert len({solvers.Euler(4), solvers.Euler(4),
+                solvers.Euler(4, solvers.EdmGrid())}) == 2
+    assert solvers.Midpoint(3, solvers.EdmGrid(2.0)).key == 'midpoint@3:edm=2'
+    assert solvers.RK45().key == 'rk45'
+    assert [solvers.FIXED_STEP[n].nfe_per_step for n in
+            ('euler', 'heun', 'midpoint')] == [1, 2, 2]
+    assert solvers.Sampler('midpoint', 3).nfe_per_step == 2
+    assert solvers.Sampler('rk45').nfe_per_step is None
+    assert solvers.Euler(2).init(decay_velocity, X0, 0.5) is None
+    x, state = solvers.Sampler('euler', 2).step(decay_velocity, X0, 0.5,
+                                                0.25, None)
+    np.testing.assert_allclose(x, X0 + 0.25 * (1.5 - 2 * X0), rtol=1e-6)
+    assert state is None
+    with pytest.raises(ValueError, match=r'Euler\(steps=0\): steps must be'):
+        solvers.Euler(0)
+    with pytest.raises(ValueError, match='takes no time grid'):
+        solvers.Sampler('rk45', grid=solvers.EdmGrid())
+    run = solvers.make_sampler(mlp_velocity, solvers.Heun(4))
+    ref = solvers.make_sampler(mlp_velocity, solvers.parse_sampler('heun@4'))
+    x = jax.random.normal(jax.random.key(5), (8, 2))
+    np.testing.assert_array_equal(run(mlp_params(0), x)[0],
+                                  ref(mlp_params(0), x)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedEuler(solvers.FixedStepSolver):
+    """Euler reading each step's velocity from a cache filled by the last
+    step (the shape of a solver with per-call state, like FireFlow)."""
+    name: ClassVar[str] = 'cached_euler'
+    nfe_per_step: ClassVar[int] = 1
+    init_nfe: ClassVar[int] = 1
+
+    def init(self, velocity, x, t):
+        return velocity(x, solvers._time(t, x))
+
+    def step(self, velocity, x, t, dt, v):
+        x = (x + solvers._per_example(dt, x) * v).astype(x.dtype)
+        return x, velocity(x, solvers._time(t + dt, x))
+
+
+def test_stateful_solver_plugs_in():
+    velocity, calls = counted(gaussian_velocity)
+    solver = CachedEuler(5)
+    out, nfe = jax.jit(lambda x: solvers.sample(velocity, x, solver))(X0)
+    assert solver.key == 'cached_euler@5'
+    assert nfe.dtype == jnp.int32 and int(nfe) == 6 == calls[0]
+    euler, _ = solvers.sample(gaussian_velocity, X0, solvers.Euler(5))
+    np.testing.assert_allclose(out, euler, atol=1e-6)
+    windows, _ = solvers.solve(decay_velocity, X0, solver, t0=T0, t1=T1)
+    ref, _ = solvers.solve(decay_velocity, X0, solvers.Euler(5), t0=T0, t1=T1)
+    np.testing.assert_allclose(windows, ref, atol=1e-6)
