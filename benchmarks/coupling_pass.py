@@ -36,6 +36,7 @@ def run_case(case: dict) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from flowjax import checkpoint, generate, models, sharding, train
+    from flowjax.models import kinds
 
     config = measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg'))
     shape = (32, 32, 3)
@@ -45,7 +46,7 @@ def run_case(case: dict) -> dict:
         teacher = pathlib.Path(tmp) / 'teacher'
         zeros = jnp.zeros((1, *shape)), jnp.zeros((1,))  # parameters only: no optimiser state on the device
         params = jax.jit(module.init)(jax.random.key(config.seed, impl='rbg'), *zeros)
-        checkpoint.export(teacher, params, train.export_meta(config, shape, 0))
+        checkpoint.export(teacher, params, train.export_meta(config, kinds.from_config(config), shape, 0))
         del params
 
         images = pathlib.Path(tmp) / 'images.npz'  # only the shape matters: the pass starts from noise

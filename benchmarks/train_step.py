@@ -36,6 +36,7 @@ def run_case(case: dict) -> dict:
     from flowjax import models, sharding, train
     from flowjax.data import datasets
     from flowjax.methods import rf, training
+    from flowjax.models import kinds
 
     config = measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg'))
     config.model.dtype = case['dtype']
@@ -58,7 +59,7 @@ def run_case(case: dict) -> dict:
             batches = lambda step: fixed
         ctx = training.context(config, mesh)
         tx, schedule = train.optimizer(config.train)
-        abstract, init = train.init_state(config, module, tx, shape, mesh)
+        abstract, init = train.init_state(config, kinds.from_config(config), tx, shape, mesh)
         state = init()
         step_fn = train.jit_steps(config, rf.loss_fn, tx, schedule, abstract, mesh)
         n = case['n_jitted_steps']

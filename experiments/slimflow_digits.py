@@ -15,8 +15,6 @@ teacher, couplings and step budgets, and reports each arm's mean and spread (rep
 Arguments: `runlocal`, `ablation`, `seeds=`, `student_nf=` (8), `steps=` student steps (2000).
 """
 
-import copy
-
 from flowjax import configs
 from flowjax.methods import table
 

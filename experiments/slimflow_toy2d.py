@@ -12,8 +12,6 @@ model's parameter count. `ablation` runs the two comparisons of docs/methods.md,
 and reports each arm's mean and spread. Arguments: `runlocal`, `ablation`, `seeds=`, `target=`, `pairs=`.
 """
 
-import copy
-
 from flowjax import configs
 from flowjax.methods import table
 

@@ -255,17 +255,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mean NFE are reported too; with `eval.groups`, each group's mean / std / min / max
     (`group_statistics`).
     """
-    from flowjax import models
     from flowjax.methods import training  # it imports this module
 
     check(config)
     loaded = {}
     for entry in config.eval.models:
         label, path = model_entry(entry)
-        module, params, meta = training.load_model(path, 'eval.models')
-        classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
-        conditional = (classes,) if classes else ()
-        loaded[label] = (models.apply_fn(module), params, *conditional)
+        model = training.load_model(path, 'eval.models')
+        conditional = (model.kind.num_classes,) if model.kind.num_classes else ()
+        loaded[label] = (model.kind.apply, model.params, *conditional)
     report = evaluate(config, epath.Path(workdir), loaded)
     groups = config.eval.get('groups') or {}
     stale = 'groups' in report and not groups  # from an earlier evaluation in this workdir

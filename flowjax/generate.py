@@ -12,7 +12,6 @@ each process stops after the shard it is writing and the pass raises `errors.Pre
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -28,10 +27,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flowjax import checkpoint, errors, models, preemption, sharding, writers
+from flowjax import checkpoint, errors, preemption, sharding, writers
 from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
 from flowjax.methods import method
+from flowjax.models import kinds
 
 def defaults() -> ml_collections.ConfigDict:
     """`config.generate`: a teacher's couplings, written as shards + manifest in the workdir."""
@@ -92,7 +92,7 @@ DATA_KINDS: dict[str, Callable[[ml_collections.ConfigDict, str], Endpoints]] = {
 @dataclasses.dataclass(frozen=True)
 class Job:
     """A validated generate config: the teacher, the sampler and the requested manifest."""
-    model: str  # the teacher's model config as JSON (hashable, keys the compiled solver)
+    kind: kinds.Kind  # the teacher's model kind (hashable, keys the compiled solver)
     params: Any
     sampler: solvers.Sampler
     endpoints: Endpoints
@@ -145,7 +145,7 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
     teacher = _teacher_path(cfg.teacher)
     try:
         params, meta = checkpoint.load_export(teacher)
-        models.build(ml_collections.ConfigDict(meta['model']))  # a bad model config fails here, not in jit
+        kinds.from_meta(meta, 'generate.teacher').module  # noqa: B018 - a bad model config fails here, not in jit
     except Exception as e:  # missing export, unreadable weights, unknown model
         raise errors.ConfigError(f"generate.teacher: cannot load {teacher} ({' '.join(str(e).split())})") from None
     if tuple(meta['sample_shape']) != endpoints.shape:
@@ -157,7 +157,8 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
                                      f"({meta['model'].get('name')}) has no dtype setting")
         meta['model'] = {**meta['model'], 'dtype': cfg.model_dtype}
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
-    classes = models.num_classes(ml_collections.ConfigDict(meta['model']))
+    kind = kinds.from_meta(meta, 'generate.teacher')
+    classes = kind.num_classes
     manifest = {
         'version': couplings.FORMAT_VERSION, 'teacher': teacher, 'teacher_step': meta.get('step'),
         'data': endpoints.spec, 'sampler': sampler.key,
@@ -167,21 +168,19 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         'shard_size': cfg.shard_size, 'dtype': cfg.dtype, 'shape': list(endpoints.shape), 't_eps': t_eps,
         'model_dtype': cfg.model_dtype, 'num_classes': classes, 'complete': False, 'mean_nfe': None,
     }
-    return Job(json.dumps(meta['model'], sort_keys=True), params, sampler, endpoints, manifest, classes)
+    return Job(kind, params, sampler, endpoints, manifest, classes)
 
 
 @functools.lru_cache(maxsize=16)
-def _pair_solver(model: str, sampler: solvers.Sampler, t0: float, t1: float, mesh: Mesh):
+def _pair_solver(kind: kinds.Kind, sampler: solvers.Sampler, eps: float, backward: bool, mesh: Mesh):
     """Jitted `(params, x, label) -> (x_end, nfe)`: each device solves its rows one pair at a time
-    (vmap); `label` is used only by a class-conditional model."""
-    config = ml_collections.ConfigDict(json.loads(model))
-    apply = models.apply_fn(models.build(config))
-    conditional = models.num_classes(config) > 0
+    (vmap), sampling noise -> data (`backward`) or inverting data -> noise through the kind;
+    `label` is used only by a class-conditional model."""
+    run = kind.sample if backward else kind.invert
 
     def local(params, x, label):
         def one(x_i, label_i):
-            velocity = functools.partial(apply, params, label=label_i[None] if conditional else None)
-            y, nfe = solvers.solve(velocity, x_i[None], sampler, t0=t0, t1=t1)
+            y, nfe = run(params, x_i[None], sampler, eps=eps, label=label_i[None] if kind.num_classes else None)
             return y[0], nfe
 
         return jax.vmap(one)(x, label)
@@ -279,7 +278,7 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
     while the host writes."""
     backward = cfg.direction == 'backward'
     eps = job.manifest['t_eps']
-    solve = _pair_solver(job.model, job.sampler, eps if backward else 1.0, 1.0 if backward else eps, mesh)
+    solve = _pair_solver(job.kind, job.sampler, eps, backward, mesh)
     draw = _start_drawer(job.endpoints.noise if backward else job.endpoints.data, mesh)
     key = start_key(job.manifest['seed'], cfg.direction)
     draw_label, label_key = _label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,8 +17,9 @@ import optax
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors, models, preemption, sharding, writers
+from flowjax import checkpoint, errors, preemption, sharding, writers
 from flowjax.data import stream
+from flowjax.models import kinds
 
 LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
@@ -167,7 +167,7 @@ def loop(step_fn, state: TrainState, ctx: Any, batches: Callable[[int], dict], r
     return state
 
 
-def init_state(config: ml_collections.ConfigDict, module: nn.Module, tx: optax.GradientTransformation,
+def init_state(config: ml_collections.ConfigDict, kind: kinds.Kind, tx: optax.GradientTransformation,
                sample_shape: tuple[int, ...], mesh, init_params: Any | None = None):
     """(abstract state with shardings, jitted `init() -> state`): params from `init_params` or
     drawn from config.seed, replicated over the mesh."""
@@ -177,9 +177,7 @@ def init_state(config: ml_collections.ConfigDict, module: nn.Module, tx: optax.G
         if given is not None:  # an argument, not a closure, so big weights are no jit constants
             params = given
         else:
-            dummy = jnp.zeros((1, *sample_shape), jnp.float32)
-            label = (jnp.zeros((1,), jnp.int32),) if models.num_classes(config.model) else ()
-            params = module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
+            params = kind.init(key, sample_shape)
         # The EMA starts equal to the params but must be its own buffer: the step donates both.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
@@ -205,7 +203,7 @@ def jit_steps(config: ml_collections.ConfigDict, loss_fn: LossFn, tx: optax.Grad
     return jax.jit(scan_steps(step), out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, module: nn.Module,
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, kind: kinds.Kind,
           loss_fn: LossFn, ctx: Any, batches: Callable[[int], dict], sample_shape: tuple[int, ...],
           mesh, init_params: Any | None = None, identity: dict | None = None,
           defaults: dict | None = None) -> TrainState:
@@ -222,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tx, schedule = optimizer(cfg)
-    abstract, init = init_state(config, module, tx, sample_shape, mesh, init_params)
+    abstract, init = init_state(config, kind, tx, sample_shape, mesh, init_params)
     ckpt = checkpoint.Checkpoints(workdir, config, identity, defaults)
     state = ckpt.restore(abstract)
     if state is None:
@@ -266,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, modul
         ckpt.close()
         writer.close()
 
-    checkpoint.export(workdir, state.ema_params, export_meta(config, sample_shape, int(state.step)))
+    checkpoint.export(workdir, state.ema_params, export_meta(config, kind, sample_shape, int(state.step)))
     return state
 
 
@@ -299,7 +297,9 @@ def summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
     return logged
 
 
-def export_meta(config: ml_collections.ConfigDict, sample_shape: tuple[int, ...], step: int) -> dict:
-    """The meta.json of an export of `config.model` after `step` steps (what later stages read)."""
-    return {'method': config.method, 'model': json.loads(config.model.to_json()), 'sample_shape': list(sample_shape),
-            'step': step, 'seed': config.seed, 'flow': json.loads(config.flow.to_json())}
+def export_meta(config: ml_collections.ConfigDict, kind: kinds.Kind, sample_shape: tuple[int, ...],
+                step: int) -> dict:
+    """The meta.json of an export of a `kind` model after `step` steps (what later stages read):
+    the kind and its network configs (`kind.meta()`), the sample shape, the step, the flow."""
+    return {'method': config.method, **kind.meta(), 'sample_shape': list(sample_shape), 'step': step,
+            'seed': config.seed, 'flow': json.loads(config.flow.to_json())}

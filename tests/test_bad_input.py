@@ -21,6 +21,7 @@ from conftest import ROOT, experiment_config
 from flowjax import checkpoint, generate, models, train
 from flowjax.data import couplings
 from flowjax.methods import rf
+from flowjax.models import kinds
 
 TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
 TOY_PIPELINE = '--config=experiments/toy2d_reflow.py:runlocal'
@@ -74,7 +75,7 @@ CASES = [
 def _export_random_teacher(path, config, seed: int) -> None:
     """An export of config.model with random weights: what the checks read is its model and shape."""
     params = models.build(config.model).init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))
-    checkpoint.export(path, params, train.export_meta(config, (2,), config.train.steps))
+    checkpoint.export(path, params, train.export_meta(config, kinds.from_config(config), (2,), config.train.steps))
 
 
 @pytest.fixture(scope='module')

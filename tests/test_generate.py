@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flowjax import checkpoint, configs, errors, generate, models
+from flowjax import checkpoint, errors, generate, models
 from flowjax.data import couplings, toy2d
 from flowjax.flows import solvers
 from flowjax.methods import table

@@ -70,7 +70,7 @@ def test_distill_with_lpips(tmp_path, monkeypatch):
     def load(config):
         return lpips.distance_fn(lpips.LPIPS(resize=config.lpips.resize, pool=config.lpips.pool)), variables
 
-    monkeypatch.setattr(methods, 'load_perceptual', load)
+    monkeypatch.setattr(training, 'load_perceptual', load)
     teacher = _digits('rf')
     rf.run(teacher, str(tmp_path / 'teacher'))
     pairs = _digits('generate')

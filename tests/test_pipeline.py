@@ -67,11 +67,10 @@ def test_stage_errors_are_one_line(tmp_path):
 
 
 def test_reference_to_a_later_stage_is_refused(tmp_path):
-    config = configs.pipeline(a=table.config('rf'), b=table.config('rf'))
+    config = configs.pipeline(a=table.config('reflow'), b=table.config('rf'))
     config.a.reflow.couplings = 'b'
-    config.a.method = 'reflow'
     with pytest.raises(errors.ConfigError, match="refers to stage 'b'"):
-        pipeline.run(config, str(tmp_path), {'reflow': None, 'rf': None})
+        pipeline.run(config, str(tmp_path))
 
 
 def _listing(path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, experiment_config
-from flowjax import checkpoint, configs, errors, generate, models, sharding, train
+from flowjax import checkpoint, errors, generate, models, sharding, train
 from flowjax.data import couplings, toy2d
 from flowjax.flows import objective
 from flowjax.methods import rf, table

@@ -207,7 +207,8 @@ def test_slimflow_toy2d_ablation_runlocal(tmp_path):
     config = experiment_config('slimflow_toy2d', 'runlocal,ablation,seeds=2')
     for stage in config.stages[2:-1]:
         config[stage].train.steps = 8
-        config[stage].slimflow_reflow.beta.steps = 4
+        if config[stage].method == 'slimflow_reflow':
+            config[stage].slimflow_reflow.beta.steps = 4
     config.teacher.train.steps = 8
     config.evaluate.eval.samplers = ('euler@1',)
     pipeline.run(config, str(tmp_path))
@@ -284,7 +285,7 @@ def test_rf_cifar_then_slimflow_cifar_runlocal_on_mock_cifar10(tmp_path, monkeyp
     VGG16 weights stand in for the LPIPS file."""
     vgg, heads = lpips.random_torch_state_dicts(0)
     variables = lpips.params_from_torch(vgg, heads)
-    monkeypatch.setattr(methods, 'load_perceptual', lambda config: (
+    monkeypatch.setattr(training, 'load_perceptual', lambda config: (
         lpips.distance_fn(lpips.LPIPS(resize=config.lpips.resize, pool=config.lpips.pool)), variables))
     with mock_tfds.mock_cifar10(num_examples=48) as data_dir:
         config = experiment_config('rf_cifar', 'runlocal')

@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.model`, initialised from `distill.init`, to k-step generation on couplings."""
     options = check(config)
     cfg = config.distill
-    init = training.load_model(cfg.init, 'distill.init', config)[1]
+    init = training.load_model(cfg.init, 'distill.init', config).params
 
     def batches(mesh):
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,

@@ -58,15 +58,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.model` on couplings, starting from `reflow.init` (an export) or fresh."""
     sampler = check(config)
     cfg = config.reflow
-    init = training.load_model(cfg.init, 'reflow.init', config)[1] if cfg.init else None
+    init = training.load_model(cfg.init, 'reflow.init', config).params if cfg.init else None
     if sampler is not None:
-        module, teacher_params, _ = training.load_model(cfg.online_teacher, 'reflow.online_teacher')
+        teacher = training.load_model(cfg.online_teacher, 'reflow.online_teacher')
 
         def noise(mesh):
             return datasets.make_noise_batches(config, mesh, config.train.batch_size, config.seed)
 
         return training.fit(config, workdir, METHOD, loss_fn=online_loss_fn, batches=noise, init_params=init,
-                            options=sampler, teacher=(module, teacher_params))
+                            options=sampler, teacher=teacher)
 
     def batches(mesh):
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,

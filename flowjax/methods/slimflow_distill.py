@@ -84,10 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Method 'slimflow_distill': flow-guided one-step distillation of the annealed student."""
     options = check(config)
     cfg = config.slimflow_distill
-    module, params, _ = training.load_model(cfg.init, 'slimflow_distill.init', config)
+    init = training.load_model(cfg.init, 'slimflow_distill.init', config)
     return training.fit(config, workdir, METHOD, loss_fn=guided_loss_fn,
                         batches=slimflow_reflow.pair_batches(config, 'slimflow_distill'),
-                        init_params=params, options=options, teacher=(module, params))
+                        init_params=init.params, options=options, teacher=init)
 
 
 METHOD = method.Method(name='slimflow_distill', run=run, check=check, section=defaults,

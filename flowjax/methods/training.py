@@ -15,6 +15,7 @@ from etils import epath
 
 from flowjax import checkpoint, errors, evaluate, models, sharding, train
 from flowjax.data import datasets
+from flowjax.models import kinds
 from flowjax.flows import objective
 from flowjax.methods import method as method_lib
 
@@ -92,27 +93,37 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     evaluate.check_data(config)
 
 
-def load_model(path: str, field: str, config: ml_collections.ConfigDict | None = None):
-    """(module, params, meta) of an export; with `config`, its model must equal config.model."""
+# Model fields that change how a network trains, not its parameters: a student may differ from
+# the export it starts from in these (Simple ReFlow trains the student with less dropout).
+TRAINING_ONLY_FIELDS = ('dropout',)
+
+
+def _architecture(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k not in TRAINING_ONLY_FIELDS}
+
+
+def load_model(path: str, field: str, config: ml_collections.ConfigDict | None = None) -> kinds.Model:
+    """The model (kind, params, meta) of an export; with `config`, its network must be config.model's
+    (up to TRAINING_ONLY_FIELDS such as dropout)."""
     if not path:
         raise errors.ConfigError(f'{field}: an export directory (or pipeline stage name) is required')
     params, meta = checkpoint.load_export(path)
-    if config is not None and meta['model'] != json.loads(config.model.to_json()):
+    if config is not None and _architecture(meta['model']) != _architecture(json.loads(config.model.to_json())):
         raise errors.ConfigError(
             f'{field}: the model exported in {path} ({meta["model"]}) differs from model ({config.model.to_json()})')
-    return models.build(ml_collections.ConfigDict(meta['model'])), params, meta
+    return kinds.Model(kinds.from_meta(meta, field), params, meta)
 
 
 def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None,
-            teacher: tuple[Any, Any] | None = None) -> Context:
-    """The loss context of `config.model` and `config.flow` on `mesh`: `teacher` (module, params)
-    and LPIPS (`config.lpips`, when the flow's loss uses it) placed on every device."""
-    module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=datasets.noise(config), flow=flow(config),
-                  options=options, conditional=models.num_classes(config.model) > 0)
+            teacher: kinds.Model | None = None) -> Context:
+    """The loss context of `config.model` and `config.flow` on `mesh`: the `teacher` model and LPIPS
+    (`config.lpips`, when the flow's loss uses it) placed on every device."""
+    kind = kinds.from_config(config)
+    ctx = Context(apply=kind.apply, source=datasets.noise(config), flow=flow(config),
+                  options=options, conditional=kind.num_classes > 0)
     if teacher is not None:
-        ctx = ctx.replace(teacher_apply=models.apply_fn(teacher[0]),
-                          teacher_params=jax.device_put(teacher[1], sharding.replicated(mesh)))
+        ctx = ctx.replace(teacher_apply=teacher.kind.apply,
+                          teacher_params=jax.device_put(teacher.params, sharding.replicated(mesh)))
     if ctx.flow.uses_lpips:
         fn, variables = load_perceptual(config)
         ctx = ctx.replace(perceptual=fn, perceptual_params=jax.device_put(variables, sharding.replicated(mesh)))
@@ -121,19 +132,19 @@ def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None,
 
 def fit(config: ml_collections.ConfigDict, workdir: str, method: method_lib.Method, *, loss_fn,
         batches: Callable[[Any], Callable[[int], dict]], init_params: Any = None, options: Any = None,
-        teacher: tuple[Any, Any] | None = None) -> dict:
+        teacher: kinds.Model | None = None) -> dict:
     """Trains `config.model` with `loss_fn` and evaluates its EMA weights (`evaluate.evaluate`).
 
     The caller (the `method` running) has checked the config (`check_training` and its own
     section); a resumed run must match the method's `identity` of the config.
-    `batches(mesh)` builds the step -> global batch function; `teacher` is (module, params).
+    `batches(mesh)` builds the step -> global batch function; `teacher` is a loaded model.
     """
     mesh = sharding.data_mesh()
-    module = models.build(config.model)
+    kind = kinds.from_config(config)
     ctx = context(config, mesh, options=options, teacher=teacher)
     if init_params is not None:
         init_params = jax.device_put(init_params, sharding.replicated(mesh))
-    state = train.train(config, workdir, module=module, loss_fn=loss_fn, ctx=ctx, batches=batches(mesh),
+    state = train.train(config, workdir, kind=kind, loss_fn=loss_fn, ctx=ctx, batches=batches(mesh),
                         sample_shape=datasets.sample_shape(config), mesh=mesh, init_params=init_params,
                         identity=method.identity(config), defaults=method.default_identity())
     if not config.eval.samplers:
