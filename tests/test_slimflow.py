@@ -15,7 +15,7 @@ from flowjax import configs, errors, main, methods, models, pipeline, sharding
 from flowjax.data import couplings
 from flowjax.flows import losses, schedules
 from flowjax.methods import rf, slimflow
-from flowjax.models import lpips
+from flowjax.metrics import lpips
 from test_main import _main, _one_line_error
 
 

@@ -66,7 +66,7 @@ def check_distance(config: ml_collections.ConfigDict, field: str) -> None:
 
 def load_perceptual(config: ml_collections.ConfigDict) -> tuple[Callable[..., jax.Array], Any]:
     """(distance fn, variables) of LPIPS as `config.lpips` describes it."""
-    from flowjax.models import lpips
+    from flowjax.metrics import lpips
 
     module, variables = lpips.load(config.lpips.vgg_weights, config.lpips.head_weights,
                                    resize=config.lpips.resize, pool=config.lpips.pool, field='lpips.vgg_weights')
