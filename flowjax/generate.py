@@ -261,14 +261,14 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
 
 def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
     """`couplings.png`: the first pairs of shard 0, noise x0 beside the teacher's x1."""
-    from flowjax import image_eval
+    from flowjax.evaluation import images
 
     if 0 not in couplings.present_shards(out, 1):
         return
     pairs = couplings.read_shard(out, 0, manifest, names=('x0', 'x1'))
     x0 = np.clip(np.asarray(pairs['x0'][:count], np.float32) / 3.0, -1, 1)  # noise shown at std 1/3
-    image_eval.save_grids(out / 'couplings.png', {'pairs': {'x0 (noise / 3)': x0, 'x1 (teacher)': pairs['x1'][:count]}},
-                          None, title=f"couplings: {manifest['sampler']}")
+    images.save_grids(out / 'couplings.png', {'pairs': {'x0 (noise / 3)': x0, 'x1 (teacher)': pairs['x1'][:count]}},
+                      None, title=f"couplings: {manifest['sampler']}")
 
 
 def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epath.Path, todo: list[int],

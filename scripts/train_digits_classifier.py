@@ -1,4 +1,4 @@
-"""Trains the fd_digits classifier and writes flowjax/models/digits_classifier.npz (deterministic).
+"""Trains the fd_digits classifier and writes flowjax/metrics/digits_classifier.npz (deterministic).
 
 The fixed stratified split of `digits_classifier.split()`; Adam with cosine decay; augmentation that
 keeps digits digits: random shifts of up to 1 pixel (background fill), gaussian noise (--noise-std) and,
@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from flowjax import frechet  # noqa: E402
-from flowjax.models import digits_classifier as dc  # noqa: E402
+from flowjax.evaluation import frechet  # noqa: E402
+from flowjax.metrics import digits_classifier as dc  # noqa: E402
 
 BATCH = 128
 

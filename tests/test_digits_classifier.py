@@ -1,5 +1,5 @@
 """fd_digits: the shipped digits classifier (accuracy, metric sanity, one-line errors) and
-flowjax.frechet against the scipy sqrtm formula of pytorch-fid."""
+flowjax.evaluation.frechet against the scipy sqrtm formula of pytorch-fid."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from flowjax import errors, frechet
-from flowjax.models import digits_classifier
+from flowjax import errors
+from flowjax.evaluation import frechet
+from flowjax.metrics import digits_classifier
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,5 @@
-"""Tests for flowjax.evaluate: toy 2D metrics and the workdir report."""
+"""Tests for the toy 2D metrics, straightness, the evaluation job and the workdir report
+(flowjax.evaluation), and for the `evaluate` method (flowjax.evaluate)."""
 
 import json
 import warnings
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flowjax import configs, errors, evaluate
+from flowjax.evaluation import job, report, straightness, toy
 from test_generate import _export_teacher
 
 SAMPLERS = ('euler@1', 'euler@2', 'heun@2', 'rk45')
@@ -30,29 +32,29 @@ def _shift_apply(params, x, t):
 
 def test_w2_self_is_zero():
     x = _normal(0)
-    assert evaluate.w2(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert toy.w2(x, x) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_w2_of_shift_is_shift_norm():
     x = _normal(1, n=500)
     c = np.array([0.3, -1.2])
-    assert evaluate.w2(x, x + c) == pytest.approx(np.linalg.norm(c), abs=1e-6)
+    assert toy.w2(x, x + c) == pytest.approx(np.linalg.norm(c), abs=1e-6)
 
 
 def test_w2_gaussians():
-    assert evaluate.w2(_normal(2), _normal(3)) < 0.2
-    assert evaluate.w2(_normal(4), _normal(5, mean=(3.0, 0.0))) == pytest.approx(3.0, abs=0.2)
+    assert toy.w2(_normal(2), _normal(3)) < 0.2
+    assert toy.w2(_normal(4), _normal(5, mean=(3.0, 0.0))) == pytest.approx(3.0, abs=0.2)
 
 
 def test_w2_raises_when_not_converged(monkeypatch):
-    monkeypatch.setattr(evaluate, '_EMD_MAX_ITERS', 10)
+    monkeypatch.setattr(toy, '_EMD_MAX_ITERS', 10)
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match='did not converge'):
         warnings.simplefilter('ignore')
-        evaluate.w2(_normal(17, n=200), _normal(18, n=200))
+        toy.w2(_normal(17, n=200), _normal(18, n=200))
 
 
 def test_w2_returns_python_float():
-    assert type(evaluate.w2(_normal(6, n=10), _normal(7, n=10))) is float
+    assert type(toy.w2(_normal(6, n=10), _normal(7, n=10))) is float
 
 
 # --- energy distance -------------------------------------------------------
@@ -60,12 +62,12 @@ def test_w2_returns_python_float():
 
 def test_energy_zero_for_identical_sets():
     x = _normal(8)
-    assert evaluate.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert toy.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_energy_positive_and_increasing_with_shift():
     x, y = _normal(9, n=1000), _normal(10, n=1000)
-    values = [evaluate.energy_distance(x, y + np.array([s, 0.0])) for s in (0.5, 1.0, 2.0, 4.0)]
+    values = [toy.energy_distance(x, y + np.array([s, 0.0])) for s in (0.5, 1.0, 2.0, 4.0)]
     assert all(v > 0 for v in values)
     assert values == sorted(values)
 
@@ -74,7 +76,7 @@ def test_energy_matches_naive_formula():
     x, y = _normal(11, n=50), _normal(12, n=70, mean=(1.0, 1.0))
     d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1).mean()
     expected = 2 * d(x, y) - d(x, x) - d(y, y)
-    assert evaluate.energy_distance(x, y) == pytest.approx(expected, rel=1e-10)
+    assert toy.energy_distance(x, y) == pytest.approx(expected, rel=1e-10)
 
 
 # --- straightness ----------------------------------------------------------
@@ -82,7 +84,7 @@ def test_energy_matches_naive_formula():
 
 def test_straightness_constant_field_is_zero():
     c = jnp.array([1.5, -0.5])
-    out = evaluate.straightness(lambda x, t: jnp.broadcast_to(c, x.shape), _normal(13, n=64))
+    out = straightness.straightness(lambda x, t: jnp.broadcast_to(c, x.shape), _normal(13, n=64))
     assert set(out) == {'straightness', 'straightness_norm'}
     assert out['straightness'] < 1e-8
     assert out['straightness_norm'] < 1e-4
@@ -90,7 +92,7 @@ def test_straightness_constant_field_is_zero():
 
 def test_straightness_rotation_is_positive():
     rotate = lambda x, t: jnp.stack([-x[:, 1], x[:, 0]], axis=-1)
-    out = evaluate.straightness(rotate, _normal(14, n=256), steps=100)
+    out = straightness.straightness(rotate, _normal(14, n=256), steps=100)
     assert out['straightness'] > 0.05
     assert out['straightness_norm'] > 0.05
     # Jensen: (E||d||)^2 <= E||d||^2.
@@ -103,7 +105,7 @@ def test_straightness_rotation_unit_circle_closed_form():
     rotate = lambda x, t: jnp.stack([-x[:, 1], x[:, 0]], axis=-1)
     theta = np.linspace(0, 2 * np.pi, 32, endpoint=False)
     x0 = np.stack([np.cos(theta), np.sin(theta)], -1)
-    out = evaluate.straightness(rotate, x0, steps=1000, eps=0.0)
+    out = straightness.straightness(rotate, x0, steps=1000, eps=0.0)
     c = 2 * np.sin(0.5)
     t = (np.arange(10000) + 0.5) / 10000
     norm = np.sqrt(1 + c**2 - 2 * c * np.cos(t - 0.5)).mean()
@@ -111,7 +113,7 @@ def test_straightness_rotation_unit_circle_closed_form():
     assert out['straightness_norm'] == pytest.approx(norm, rel=1e-2)
 
 
-# --- evaluate_models -------------------------------------------------------
+# --- job.evaluate_models ---------------------------------------------------
 
 
 def test_evaluate_models_end_to_end(tmp_path):
@@ -121,9 +123,9 @@ def test_evaluate_models_end_to_end(tmp_path):
     data_b = _normal(16).astype(np.float32) + shift
     models = {'shift': (_shift_apply, {'shift': jnp.asarray(shift)})}
 
-    report = evaluate.evaluate_models(models, source=source, data=data, data_b=data_b,
-                                      samplers=SAMPLERS, workdir=tmp_path, title='test')
-    entry = report['shift']
+    result = job.evaluate_models(models, source=source, data=data, data_b=data_b,
+                                 samplers=SAMPLERS, workdir=tmp_path, title='test')
+    entry = result['shift']
     expected_keys = ['params', 'euler@1', 'euler@2', 'heun@2', 'rk45', 'straightness',
                      'straightness_norm', 'w2_data', 'energy_data']
     assert list(entry) == expected_keys
@@ -139,7 +141,7 @@ def test_evaluate_models_end_to_end(tmp_path):
     assert 0.0 < entry['w2_data'] < 0.2
 
     on_disk = json.loads((tmp_path / 'report.json').read_text())
-    assert on_disk == report
+    assert on_disk == result
     assert (tmp_path / 'report.md').exists()
     png = tmp_path / 'samples.png'
     assert png.stat().st_size > 0
@@ -148,8 +150,8 @@ def test_evaluate_models_end_to_end(tmp_path):
 
     # A second call with another model merges into the existing report.
     models2 = {'other': (_shift_apply, {'shift': jnp.zeros(2)})}
-    merged = evaluate.evaluate_models(models2, source=source, data=data, data_b=data_b,
-                                      samplers=('euler@1',), workdir=tmp_path)
+    merged = job.evaluate_models(models2, source=source, data=data, data_b=data_b,
+                                 samplers=('euler@1',), workdir=tmp_path)
     assert set(merged) == {'shift', 'other'}
     assert merged['shift'] == entry
     assert merged['other']['euler@1']['w2'] == pytest.approx(np.linalg.norm(shift), abs=1e-3)
@@ -161,10 +163,10 @@ def test_evaluate_models_end_to_end(tmp_path):
 
 
 def test_write_report_roundtrip(tmp_path):
-    report = {'m': {'euler@1': {'w2': 0.5, 'energy': 0.1, 'nfe': 1}, 'straightness': 0.0,
+    result = {'m': {'euler@1': {'w2': 0.5, 'energy': 0.1, 'nfe': 1}, 'straightness': 0.0,
                     'straightness_norm': 0.0, 'w2_data': 0.05, 'energy_data': 0.001}}
-    evaluate.write_report(tmp_path / 'sub', report)
-    assert evaluate.read_report(tmp_path / 'sub') == report
+    report.write_report(tmp_path / 'sub', result)
+    assert report.read_report(tmp_path / 'sub') == result
     assert 'euler@1' in (tmp_path / 'sub' / 'report.md').read_text()
 
 
@@ -173,15 +175,15 @@ def test_write_report_roundtrip(tmp_path):
 
 def test_parameter_count():
     params = {'a': {'kernel': jnp.zeros((3, 4)), 'bias': np.zeros(4)}, 'b': [jnp.float32(1.0), np.ones((2, 2, 2))]}
-    assert evaluate.parameter_count(params) == 12 + 4 + 1 + 8
-    assert type(evaluate.parameter_count(params)) is int
-    assert evaluate.parameter_count({}) == 0
+    assert job.parameter_count(params) == 12 + 4 + 1 + 8
+    assert type(job.parameter_count(params)) is int
+    assert job.parameter_count({}) == 0
 
 
 @pytest.mark.parametrize('n, text', [(0, '0'), (512, '512'), (999, '999'), (1234, '1.23k'), (190_000, '190k'),
                                      (999_999, '1M'), (27_912_345, '27.9M'), (1_500_000_000, '1.5B')])
 def test_format_count(n, text):
-    assert evaluate.format_count(n) == text
+    assert report.format_count(n) == text
 
 
 # --- groups ------------------------------------------------------------------
@@ -194,10 +196,10 @@ def _entry(w2_1, w2_4, straight, params=100, nfe_rk45=20):
 
 
 def test_group_statistics_by_hand():
-    report = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3, nfe_rk45=26),
+    result = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3, nfe_rk45=26),
               's2': _entry(4.0, 0.7, 0.2), 'solo': _entry(3.0, 0.4, 0.6, params=7),
               'big': _entry(3.0, 0.4, 0.6, params=8), 'couplings': {'pairs': 4}}
-    groups = evaluate.group_statistics(report, {'seeds': ('s0', 's1', 's2'), 'one': ['solo'],
+    groups = report.group_statistics(result, {'seeds': ('s0', 's1', 's2'), 'one': ['solo'],
                                                 'mixed': ('solo', 'big')})
     assert set(groups) == {'seeds', 'one', 'mixed'}
     seeds = groups['seeds']
@@ -220,15 +222,15 @@ def test_group_statistics_by_hand():
     json.dumps(groups, allow_nan=False)
 
     # Every member failed: no statistics, all counted.
-    report['s0']['euler@4']['w2'] = report['s2']['euler@4']['w2'] = None
-    failed = evaluate.group_statistics(report, {'seeds': ('s0', 's1', 's2')})['seeds']['euler@4']['w2']
+    result['s0']['euler@4']['w2'] = result['s2']['euler@4']['w2'] = None
+    failed = report.group_statistics(result, {'seeds': ('s0', 's1', 's2')})['seeds']['euler@4']['w2']
     assert failed == {'mean': None, 'std': None, 'min': None, 'max': None, 'n': 0, 'failed': 3}
 
 
 def test_groups_markdown_table():
-    report = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3)}
-    report['groups'] = evaluate.group_statistics(report, {'plain reflow': ('s0', 's1')})
-    md = evaluate.report_markdown(report)
+    result = {'s0': _entry(1.0, 0.5, 0.1), 's1': _entry(2.0, None, 0.3)}
+    result['groups'] = report.group_statistics(result, {'plain reflow': ('s0', 's1')})
+    md = report.report_markdown(result)
     assert '## Groups' in md and '| plain reflow |' not in md.split('## Groups')[0]
     header = next(line for line in md.split('## Groups')[1].splitlines() if line.startswith('| group'))
     assert header.startswith('| group | n | params | euler@1 w2 | euler@1 energy | euler@4 w2 |')
@@ -271,33 +273,33 @@ def _evaluate_config(exports, groups):
 
 def test_evaluate_method_groups_end_to_end(exports, tmp_path):
     config = _evaluate_config(exports, {'seeds': ('s0', 's1'), 'one': ('solo',)})
-    report = evaluate.run(config, str(tmp_path))
-    assert set(report) == {'s0', 's1', 'solo', 'groups'}
-    assert json.loads((tmp_path / 'report.json').read_text()) == report
-    count = report['s0']['params']
-    assert count > 1000 and report['s1']['params'] == report['solo']['params'] == count
-    seeds = report['groups']['seeds']
+    result = evaluate.run(config, str(tmp_path))
+    assert set(result) == {'s0', 's1', 'solo', 'groups'}
+    assert json.loads((tmp_path / 'report.json').read_text()) == result
+    count = result['s0']['params']
+    assert count > 1000 and result['s1']['params'] == result['solo']['params'] == count
+    seeds = result['groups']['seeds']
     assert seeds['models'] == ['s0', 's1'] and seeds['params'] == count
     for key in ('euler@1', 'euler@2'):
-        assert seeds[key]['nfe'] == report['s0'][key]['nfe']
+        assert seeds[key]['nfe'] == result['s0'][key]['nfe']
         for metric in ('w2', 'energy'):
-            values = [report[m][key][metric] for m in ('s0', 's1')]
+            values = [result[m][key][metric] for m in ('s0', 's1')]
             assert seeds[key][metric] == {'mean': pytest.approx(np.mean(values)),
                                           'std': pytest.approx(np.std(values, ddof=1)),
                                           'min': min(values), 'max': max(values), 'n': 2}
-    values = [report[m]['straightness'] for m in ('s0', 's1')]
+    values = [result[m]['straightness'] for m in ('s0', 's1')]
     assert seeds['straightness']['mean'] == pytest.approx(np.mean(values))
     assert seeds['straightness']['std'] == pytest.approx(np.std(values, ddof=1))
-    assert report['groups']['one']['euler@1']['w2']['std'] == 0.0
+    assert result['groups']['one']['euler@1']['w2']['std'] == 0.0
     md = (tmp_path / 'report.md').read_text()
     groups_md = md.split('## Groups')[1]
-    assert f'| seeds | 2 | {evaluate.format_count(count)} |' in groups_md and '| one | 1 |' in groups_md
+    assert f'| seeds | 2 | {report.format_count(count)} |' in groups_md and '| one | 1 |' in groups_md
     assert '| group | n | params | euler@1 w2 | euler@1 energy | euler@2 w2 |' in groups_md
 
     # Evaluating again without groups drops the earlier groups from the report.
     config.eval.groups = {}
     again = evaluate.run(config, str(tmp_path))
-    assert 'groups' not in again and again['s0'] == report['s0']
+    assert 'groups' not in again and again['s0'] == result['s0']
     assert 'groups' not in json.loads((tmp_path / 'report.json').read_text())
     assert '## Groups' not in (tmp_path / 'report.md').read_text()
 

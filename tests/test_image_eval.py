@@ -9,8 +9,9 @@ import pytest
 from etils import epath
 
 from conftest import experiment_config
-from flowjax import errors, evaluate, frechet, image_eval
+from flowjax import errors, evaluate
 from flowjax.data import datasets
+from flowjax.evaluation import frechet, images, job, report
 
 
 def _config(**eval_fields):
@@ -38,27 +39,27 @@ def _shrink(params, x, t, dropout_rng=None):
 
 def test_fid_report_cache_floor_and_grid(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(image_eval.METRICS, 'fid', _projection_metric(calls))
+    monkeypatch.setitem(images.METRICS, 'fid', _projection_metric(calls))
     weights = tmp_path / 'weights.pth'  # exists, so the static check passes; the stand-in never reads it
     weights.write_bytes(b'')
     config = _config(metric='fid', num_samples=200, batch_size=64, inception_weights=str(weights))
     models = {'still': (_shrink, jnp.float32(0.0)), 'shrunk': (_shrink, jnp.float32(0.9))}
-    report = image_eval.evaluate_images(config, tmp_path, models)
+    result = job.evaluate(config, tmp_path, models)
     for name in models:
         for key in ('euler@1', 'euler@2'):
-            assert set(report[name][key]) == {'fid', 'nfe'}
-        assert report[name]['euler@2']['nfe'] == 2
-        assert report[name]['fid_data'] >= 0 and report[name]['straightness'] >= 0
-        assert report[name]['params'] == 1  # a scalar rate
+            assert set(result[name][key]) == {'fid', 'nfe'}
+        assert result[name]['euler@2']['nfe'] == 2
+        assert result[name]['fid_data'] >= 0 and result[name]['straightness'] >= 0
+        assert result[name]['params'] == 1  # a scalar rate
     # Noise (the identity flow) is far from digits; the real-data floor is far below it.
-    assert report['still']['euler@1']['fid'] > 10 * report['still']['fid_data']
+    assert result['still']['euler@1']['fid'] > 10 * result['still']['fid_data']
     stats = list(tmp_path.glob('fid_stats_*.npz'))
     assert len(stats) == 1 and (tmp_path / 'samples.png').stat().st_size > 1000
     assert '## fid' in (tmp_path / 'report.md').read_text()
-    assert json.loads((tmp_path / 'report.json').read_text()) == report
+    assert json.loads((tmp_path / 'report.json').read_text()) == result
 
     # The cached statistics equal those of all 1797 digits and are reused by a second evaluation.
-    mu, sigma = image_eval.reference_statistics(config, epath.Path(tmp_path), image_eval.Embedder(config, _mesh()))
+    mu, sigma = images.reference_statistics(config, epath.Path(tmp_path), images.Embedder(config, _mesh()))
     data, _ = datasets.load_images(config)
     w = jax.random.normal(jax.random.key(3), (64, 12)) / 8.0
     both = np.concatenate([data, data[:, :, ::-1]])  # data.flip: the mirror images count too
@@ -67,7 +68,7 @@ def test_fid_report_cache_floor_and_grid(tmp_path, monkeypatch):
     np.testing.assert_allclose(sigma, direct[1], atol=1e-5)
     stats[0].write_bytes(b'')  # a second evaluation must read the cache, not recompute (an empty file fails)
     with pytest.raises(Exception):
-        image_eval.evaluate_images(config, tmp_path, models)
+        job.evaluate(config, tmp_path, models)
 
 
 def _mesh():
@@ -78,9 +79,9 @@ def _mesh():
 
 def test_metric_none_reports_nfe_and_grid(tmp_path):
     config = _config(metric='none', num_samples=64, batch_size=32)
-    report = image_eval.evaluate_images(config, tmp_path, {'m': (_shrink, jnp.float32(0.5))})
-    assert report['m']['euler@1'] == {'nfe': 1} and 'straightness' in report['m']
-    assert report['m']['params'] == 1
+    result = job.evaluate(config, tmp_path, {'m': (_shrink, jnp.float32(0.5))})
+    assert result['m']['euler@1'] == {'nfe': 1} and 'straightness' in result['m']
+    assert result['m']['params'] == 1
     assert (tmp_path / 'samples.png').exists()
 
 
@@ -89,14 +90,14 @@ def test_group_statistics_of_image_entries():
         return {'params': 1_234_567, 'euler@1': {'fd_digits': fd, 'nfe': 1}, 'straightness': straightness,
                 'straightness_norm': 1.0, 'fd_digits_data': 0.5}
 
-    report = {'a': entry(10.0, 0.2), 'b': entry(14.0, 0.4), 'c': entry(None, 0.3)}
-    report['groups'] = evaluate.group_statistics(report, {'g': ('a', 'b', 'c')})
-    g = report['groups']['g']
+    result = {'a': entry(10.0, 0.2), 'b': entry(14.0, 0.4), 'c': entry(None, 0.3)}
+    result['groups'] = report.group_statistics(result, {'g': ('a', 'b', 'c')})
+    g = result['groups']['g']
     assert g['euler@1'] == {'fd_digits': {'mean': 12.0, 'std': pytest.approx(2 ** 1.5), 'min': 10.0, 'max': 14.0,
                                           'n': 2, 'failed': 1}, 'nfe': 1}
     assert g['straightness']['mean'] == pytest.approx(0.3) and g['straightness']['std'] == pytest.approx(0.1)
     assert g['params'] == 1_234_567 and 'fd_digits_data' not in g
-    md = evaluate.report_markdown(report)
+    md = report.report_markdown(result)
     assert '| model | params | euler@1 |' in md and '| a | 1.23M | 10 (1) |' in md
     assert '| g | 3 | 1.23M | 12 ± 2.8 (1 failed) | 0.3 ± 0.1 | 1 ± 0 |' in md
 
@@ -121,7 +122,7 @@ def test_bad_eval_fields(field, value, fragment):
 
 def test_grid_layout():
     x = np.stack([np.full((3, 2, 1), v, np.float32) for v in (-1.0, 0.0, 1.0, 1.0, -1.0)])
-    g = image_eval.grid(x, columns=3)
+    g = images.grid(x, columns=3)
     assert g.shape == (2 * 4 - 1, 3 * 3 - 1, 1) and g.dtype == np.uint8
     assert g[0, 0, 0] == 0 and g[0, 3, 0] == 128 and g[4, 3, 0] == 0 and g[3, 0, 0] == 255
 

@@ -10,7 +10,7 @@ from conftest import experiment_config
 from flowjax import errors, generate
 from flowjax.data import couplings
 from flowjax.methods import distill, reflow, rf, table, training
-from flowjax.models import lpips
+from flowjax.metrics import lpips
 
 
 def test_rf_cifar_recipe():

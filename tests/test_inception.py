@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowjax import errors
-from flowjax.models import inception, torch_weights
+from flowjax.metrics import inception, torch_weights
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 # The fixture's features are O(1) (mean ~0.25, max ~2.7), like the real network's, so an absolute bound is also

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flowjax import errors
-from flowjax.models import lpips, torch_weights
+from flowjax.metrics import lpips, torch_weights
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 # The reference is float64 torch, ours float32, distances 0.0015 .. 0.88. Measured on CPU (and on GPU when the

@@ -16,7 +16,7 @@ from flowjax.data import couplings
 from flowjax.flows import losses, schedules
 from flowjax.flows import objective
 from flowjax.methods import rf, slimflow_distill, slimflow_reflow, table, training
-from flowjax.models import lpips
+from flowjax.metrics import lpips
 from test_main import _main, _one_line_error
 
 

@@ -21,7 +21,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from flowjax import errors, sharding
-from flowjax.data import stream
+from flowjax.data import pixels, stream
 
 if TYPE_CHECKING:
     from flowjax.data.tfds_images import SourceLabels, TfdsImages
@@ -31,12 +31,6 @@ Dataset = tuple['np.ndarray | TfdsImages', 'np.ndarray | SourceLabels | None']
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 _FLIP_SALT = 0xF11B
 _GRAY_MODES = ('1', 'L', 'LA')
-_FLOAT = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> its float32.
-
-
-def from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1] (one table look-up: i / 127.5 - 1 in float32)."""
-    return np.take(_FLOAT, images)
 
 
 def digits() -> Dataset:
@@ -80,7 +74,7 @@ def load_npz(path: str, field: str | None = None) -> Dataset:
             raise errors.UserError(f'{file}: labels have shape {labels.shape} and dtype {labels.dtype}, '
                                    f'expected {len(images)} integers (one per image)')
         labels = labels.astype(np.int32)
-    return from_uint8(images), labels
+    return pixels.from_uint8(images), labels
 
 
 def _image_files(root: epath.Path) -> list[epath.Path]:
@@ -125,7 +119,7 @@ def load_folder(path: str, size: int | None = None) -> Dataset:
         out.append(np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], -1))
     channels = max(a.shape[-1] for a in out)  # RGB unless every image is grayscale.
     out = [np.repeat(a, channels // a.shape[-1], axis=-1) for a in out]
-    return from_uint8(np.stack(out)), None
+    return pixels.from_uint8(np.stack(out)), None
 
 
 def _load_tfds(dataset: str, split: str = 'train', data_dir: str | None = None, image_key: str = 'image',

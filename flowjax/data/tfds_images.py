@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from flowjax import errors
-from flowjax.data.images import from_uint8
+from flowjax.data.pixels import from_uint8
 
 # Threads decoding the rows of one read of a tfds dataset.
 READ_THREADS = min(16, os.cpu_count() or 1)

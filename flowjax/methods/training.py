@@ -72,7 +72,7 @@ def check_lpips(config: ml_collections.ConfigDict) -> None:
 
 def load_perceptual(config: ml_collections.ConfigDict) -> tuple[Callable[..., jax.Array], Any]:
     """(distance fn, variables) of LPIPS as `config.lpips` describes it."""
-    from flowjax.models import lpips
+    from flowjax.metrics import lpips
 
     module, variables = lpips.load(config.lpips.vgg_weights, config.lpips.head_weights,
                                    resize=config.lpips.resize, pool=config.lpips.pool, field='lpips.vgg_weights')
@@ -150,5 +150,4 @@ def fit(config: ml_collections.ConfigDict, workdir: str, method: method_lib.Meth
     if not config.eval.samplers:
         return {}
     name = config.name or config.method
-    classes = (models.num_classes(config.model),) if ctx.conditional else ()
-    return evaluate.evaluate(config, epath.Path(workdir), {name: (ctx.apply, state.ema_params, *classes)})
+    return evaluate.evaluate(config, epath.Path(workdir), {name: kinds.Model(kind, state.ema_params)})

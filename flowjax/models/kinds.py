@@ -29,12 +29,33 @@ from flowjax.flows import solvers
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+class _VelocityKind:
+    """What every velocity-giving kind shares: sampling and inversion by integrating `apply`."""
+
+    name: ClassVar[str] = 'velocity'
+    num_classes: int
+    apply: Callable[..., jax.Array]  # (params, x, t, dropout_rng=None, label=None) -> v
+
+    def velocity(self, params: Any, label: jax.Array | None = None) -> Velocity:
+        """v(x, t) of these params (class `label` (B,) for a class-conditional model)."""
+        return functools.partial(self.apply, params, label=label)
+
+    def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Noise x0 -> data: the ODE from t = eps to 1 with `sampler`; (x1, nfe)."""
+        return solvers.sample(self.velocity(params, label), x0, sampler, eps=eps)
+
+    def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data x1 -> noise: the ODE from t = 1 to eps; (x0, nfe)."""
+        return solvers.invert(self.velocity(params, label), x1, sampler, eps=eps)
+
+
 @dataclasses.dataclass(frozen=True)
-class VelocityField:
+class VelocityField(_VelocityKind):
     """One network giving the velocity v(x, t[, label]); `model` is its config as sorted JSON."""
 
     model: str
-    name: ClassVar[str] = 'velocity'
 
     @classmethod
     def from_model_config(cls, config: ml_collections.ConfigDict | dict) -> 'VelocityField':
@@ -51,7 +72,7 @@ class VelocityField:
 
     @property
     def num_classes(self) -> int:
-        return int(self.model_config.get('num_classes', 0) or 0)
+        return models.num_classes(self.model_config)
 
     @property
     def apply(self) -> Callable[..., jax.Array]:
@@ -64,27 +85,23 @@ class VelocityField:
         label = (jnp.zeros((1,), jnp.int32),) if self.num_classes else ()
         return self.module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
 
-    def velocity(self, params: Any, label: jax.Array | None = None) -> Velocity:
-        """v(x, t) of these params (class `label` (B,) for a class-conditional model)."""
-        return functools.partial(self.apply, params, label=label)
-
-    def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
-               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Noise x0 -> data: the ODE from t = eps to 1 with `sampler`; (x1, nfe)."""
-        return solvers.sample(self.velocity(params, label), x0, sampler, eps=eps)
-
-    def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
-               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Data x1 -> noise: the ODE from t = 1 to eps; (x0, nfe)."""
-        return solvers.invert(self.velocity(params, label), x1, sampler, eps=eps)
-
     def meta(self) -> dict:
         """What an export's meta.json records of the kind."""
         return {'kind': self.name, 'model': json.loads(self.model)}
 
 
-KINDS = {VelocityField.name: VelocityField}
-Kind = VelocityField  # the union of KINDS' classes as they grow
+@dataclasses.dataclass(frozen=True)
+class VelocityFunction(_VelocityKind):
+    """A velocity given as a pure function `apply(params, x, t, dropout_rng=None, label=None)`
+    rather than a network config: an analytic flow with a known solution, or a network built in
+    code. It samples and inverts like a velocity field; it has no export meta."""
+
+    apply: Callable[..., jax.Array]
+    num_classes: int = 0
+
+
+KINDS = {VelocityField.name: VelocityField}  # kind name in meta.json -> class
+Kind = VelocityField | VelocityFunction
 
 
 def _jsonable(data: dict) -> dict:
@@ -114,3 +131,11 @@ class Model:
     kind: Kind
     params: Any
     meta: dict = dataclasses.field(default_factory=dict, compare=False)
+
+
+def as_model(entry: 'Model | tuple') -> Model:
+    """A Model from a Model or an `(apply, params[, num_classes])` tuple (a velocity function)."""
+    if isinstance(entry, Model):
+        return entry
+    apply, params, *classes = entry
+    return Model(VelocityFunction(apply, classes[0] if classes else 0), params)

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from flowjax import errors
-from flowjax.models import resize, torch_weights
+from flowjax.metrics import resize, torch_weights
 
 SIZE = 299
 BN_EPS = 1e-3

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from flowjax import errors
-from flowjax.models import resize, torch_weights
+from flowjax.metrics import resize, torch_weights
 
 VGG_FILE = 'vgg16-397923af.pth'
 VGG_URL = f'https://download.pytorch.org/models/{VGG_FILE}'

@@ -1,4 +1,4 @@
-"""Image evaluation: Frechet distances (FID, fd_digits) per model and sampler, and sample grids.
+"""The image metric suite: Frechet distances (FID, fd_digits) in a metric network's features, and grids.
 
 For every model and sampler, `eval.num_samples` images are generated from a fixed noise set
 (the same for every model), embedded by the metric's network (Inception-v3 for `fid`, the
@@ -11,7 +11,7 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,18 +21,17 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flowjax import errors, evaluate, frechet, sharding
+from flowjax import errors, sharding
 from flowjax.data import datasets
-from flowjax.flows import solvers
+from flowjax.evaluation import frechet, report
 
-Apply = Callable[..., jax.Array]
 _NOISE_SALT = 0xE7A1
+_LABEL_SALT = 0x1AB
 _FLOOR_SALT = 0xF100
-_STRAIGHTNESS_ROWS = 256
 
 
 def _load_fid(config: ml_collections.ConfigDict):
-    from flowjax.models import inception
+    from flowjax.metrics import inception
 
     module, variables = inception.load(config.eval.inception_weights, 'eval.inception_weights')
     return inception.feature_fn(module), variables
@@ -40,7 +39,7 @@ def _load_fid(config: ml_collections.ConfigDict):
 
 def _load_fd_digits(config: ml_collections.ConfigDict):
     del config
-    from flowjax.models import digits_classifier
+    from flowjax.metrics import digits_classifier
 
     module, variables = digits_classifier.load()
     return digits_classifier.feature_fn(module), variables
@@ -78,7 +77,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     if metric == 'fid':
         path = config.eval.get('inception_weights')
         if not path or not epath.Path(path).exists():
-            from flowjax.models import inception
+            from flowjax.metrics import inception
 
             inception.load(path, 'eval.inception_weights')  # raises the one-line "where to get it" error
 
@@ -144,89 +143,80 @@ def _mirror(x: np.ndarray, flip: bool) -> np.ndarray:
     return x[:, :, ::-1] if flip else x
 
 
+def _real_floor(config: ml_collections.ConfigDict, embed: Embedder, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The Frechet distance of `eval.num_samples` real images (flipped as training sees them) to (mu, sigma)."""
+    data, _ = datasets.load_images(config)
+    rng = np.random.default_rng([config.seed, _FLOOR_SALT])
+    ids = rng.choice(len(data), min(config.eval.num_samples, len(data)), replace=False)
+    real = datasets.take(data, ids)
+    if datasets.flip(config):
+        real = np.where(rng.random(len(real))[:, None, None, None] < 0.5, real[:, :, ::-1], real)
+    return frechet.frechet_distance(*frechet.statistics(embed(real)), mu, sigma)
+
+
 @functools.cache
 def _noise_fn(shape: tuple[int, ...], batch: int, out_sharding):
     return jax.jit(lambda key: jax.random.normal(key, (batch, *shape)), out_shardings=out_sharding)
 
 
-def evaluate_images(config: ml_collections.ConfigDict, workdir: str | epath.Path,
-                    models: Mapping[str, tuple[Apply, Any]]) -> dict:
-    """Scores each model with each of `eval.samplers`; merges into the workdir's report.
+class ImageSuite:
+    """The evaluation job's image part (the interface of `job.Suite`): chunks of `eval.batch_size`
+    noise images, sharded over all devices and drawn from the seed, embedded chunk by chunk."""
 
-    `models` maps a name to (apply, params) or, for a class-conditional model, (apply, params,
-    num_classes). Report entry per model: {'params': count, sampler: {metric: value, 'nfe': n},
-    'straightness', ..., '<metric>_data': the real-data floor}. Writes `samples.png`, a grid per model and sampler.
-    """
-    check(config)
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.data_mesh()
-    specs = evaluate.parse_samplers(config)
-    metric, eps = metric_name(config), config.flow.t_eps
-    embed = Embedder(config, mesh) if METRICS[metric] else None
-    shape = datasets.sample_shape(config)
-    n, batch = config.eval.num_samples, config.eval.batch_size
-    key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_SALT)
-    noise = _noise_fn(shape, batch, NamedSharding(mesh, P('data')))
+    straightness_rows = 256  # of the first noise chunk
+    diverged_straightness_as_null = False  # image reports have always kept a NaN straightness as NaN
 
-    if embed is not None:
-        mu, sigma = reference_statistics(config, workdir, embed)
-        data, _ = datasets.load_images(config)
-        rng = np.random.default_rng([config.seed, _FLOOR_SALT])
-        ids = rng.choice(len(data), min(n, len(data)), replace=False)
-        real = datasets.take(data, ids)
-        if datasets.flip(config):
-            real = np.where(rng.random(len(real))[:, None, None, None] < 0.5, real[:, :, ::-1], real)
-        floor = frechet.frechet_distance(*frechet.statistics(embed(real)), mu, sigma)
+    check = staticmethod(check)
 
-    results, grids = {}, {}
-    for name, (apply, params, *classes) in models.items():
-        entry, grids[name] = {'params': evaluate.parameter_count(params)}, {}
-        apply, inputs = _with_labels(apply, params, classes[0] if classes else 0, key, batch)
-        for spec in specs:
-            run = solvers.make_sampler(apply, spec, eps=eps)
-            features, nfes, first = [], [], None
-            for i, lo in enumerate(range(0, n, batch)):
-                x1, nfe = run(inputs(i), noise(jax.random.fold_in(key, i)))
-                x1 = x1[:n - lo]
-                first = sharding.to_host(x1[:config.eval.grid]) if first is None else first
-                features.append(embed(x1) if embed is not None else None)
-                nfes.append(int(nfe))
-            entry[spec.key] = {'nfe': int(round(float(np.mean(nfes))))}
-            if embed is not None:
-                finite = all(np.isfinite(f).all() for f in features)
-                entry[spec.key][metric] = frechet.frechet_distance(
-                    *frechet.statistics(np.concatenate(features)), mu, sigma) if finite else None
-            grids[name][spec.key] = first
-            logging.info('evaluate %s %s: %s', name, spec.key, entry[spec.key])
-        x0 = noise(jax.random.fold_in(key, 0))[:min(batch, _STRAIGHTNESS_ROWS)]
-        xs, vs = evaluate.model_path(apply, config.eval.straightness_steps, eps)(inputs(0), x0)
-        entry.update(evaluate.path_straightness(sharding.to_host(xs), sharding.to_host(vs), 1.0 - eps))
-        if embed is not None:
-            entry[f'{metric}_data'] = floor
-        results[name] = entry
+    @classmethod
+    def prepare(cls, config: ml_collections.ConfigDict, workdir: epath.Path) -> 'ImageSuite':
+        """Loads the metric network and the reference statistics (cached in `workdir`) and scores the floor."""
+        return cls(config, workdir)
 
-    report = {**evaluate.read_report(workdir), **results}
-    if jax.process_index() == 0:
-        evaluate.write_report(workdir, report)
-        title = f'{config.method} on {datasets.describe(config)}'
-        save_grids(workdir / 'samples.png', grids, results, metric=metric, title=title)
-    sharding.barrier('flowjax-evaluate-report')  # the other processes find the files written
-    return report
+    def __init__(self, config: ml_collections.ConfigDict, workdir: epath.Path):
+        mesh = sharding.data_mesh()
+        self.metric = metric_name(config)
+        self.embed = Embedder(config, mesh) if METRICS[self.metric] else None
+        self.grid = config.eval.grid
+        self._n, self._batch = config.eval.num_samples, config.eval.batch_size
+        self._key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_SALT)
+        self._label_key = jax.random.fold_in(self._key, _LABEL_SALT)
+        self._noise = _noise_fn(datasets.sample_shape(config), self._batch, NamedSharding(mesh, P('data')))
+        self.floor = {}
+        if self.embed is not None:
+            self._mu, self._sigma = reference_statistics(config, workdir, self.embed)
+            self.floor = {f'{self.metric}_data': _real_floor(config, self.embed, self._mu, self._sigma)}
 
+    def starts(self) -> Iterator[tuple[jax.Array, int]]:
+        for i, lo in enumerate(range(0, self._n, self._batch)):
+            yield self._noise(jax.random.fold_in(self._key, i)), self._n - lo
 
-def _with_labels(apply: Apply, params: Any, classes: int, key: jax.Array, batch: int):
-    """(apply, inputs(i)): for a class-conditional model, chunk i's samples get uniform labels
-    drawn from (key, i), passed with the params so that one compiled sampler serves all chunks."""
-    if not classes:
-        return apply, lambda i: params
-    label_key = jax.random.fold_in(key, 0x1AB)
+    def labels(self, chunk: int, classes: int) -> jax.Array:
+        """Uniform class labels of a chunk, drawn from (seed, chunk)."""
+        return jax.random.randint(jax.random.fold_in(self._label_key, chunk), (self._batch,), 0, classes)
 
-    def conditional(inputs, x, t, dropout_rng=None):
-        weights, labels = inputs
-        return apply(weights, x, t, dropout_rng, label=labels[:len(x)])
+    def measure(self, x1: jax.Array) -> np.ndarray | None:
+        return self.embed(x1) if self.embed is not None else None
 
-    return conditional, lambda i: (params, jax.random.randint(jax.random.fold_in(label_key, i), (batch,), 0, classes))
+    def score(self, measures: list[np.ndarray | None], nfe: int) -> dict[str, Any]:
+        """{'nfe', metric}: the Frechet distance of all chunks' features (None if one is not finite)."""
+        out = {'nfe': nfe}
+        if self.embed is not None:
+            finite = all(np.isfinite(f).all() for f in measures)
+            out[self.metric] = frechet.frechet_distance(
+                *frechet.statistics(np.concatenate(measures)), self._mu, self._sigma) if finite else None
+        return out
+
+    def shown(self, x1: jax.Array) -> np.ndarray:
+        return sharding.to_host(x1[:self.grid])
+
+    def panels(self, flow, shown: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        del flow  # a grid shows the samples only
+        return shown
+
+    def figure(self, path: epath.Path, results: Mapping[str, dict], panels: Mapping[str, Mapping[str, np.ndarray]],
+               title: str) -> None:
+        save_grids(path, panels, results, metric=self.metric, title=title)
 
 
 def grid(x: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -265,4 +255,4 @@ def save_grids(path: epath.Path, grids: Mapping[str, Mapping[str, np.ndarray]], 
             ax.set_title(label, fontsize=9)
         for ax in row:
             ax.axis('off')
-    evaluate.save_figure(fig, path, title)
+    report.save_figure(fig, path, title)

@@ -1,0 +1,207 @@
+"""The evaluation job shared by every data kind: sample, score, straightness, report.
+
+Every model is sampled with every sampler of `eval.samplers` from the data kind's fixed starts
+(the same for every model) and scored by the kind's metric suite (`SUITES`); the job adds the
+straightness of its Euler paths, its parameter count and the suite's floor, merges the entries
+into the workdir's report and writes report.json, report.md and the suite's samples.png.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from flowjax import errors, sharding
+from flowjax.data import datasets
+from flowjax.evaluation import images, report, straightness, toy
+from flowjax.flows import solvers
+from flowjax.models import kinds
+
+# (apply, params), or (apply, params, num_classes) for a class-conditional model.
+Model = kinds.Model | tuple[Any, ...]  # a tuple: (apply, params[, num_classes]), see kinds.as_model
+
+
+class Suite(Protocol):
+    """What a data kind brings to the job: its starts, metrics, floor and figure."""
+
+    floor: dict[str, float]  # the held-out data's own scores (the `*_data` entries)
+    straightness_rows: int | None  # rows of the first start batch the straightness path runs on (None: all)
+    diverged_straightness_as_null: bool  # a non-finite straightness is reported as null (else as NaN)
+
+    def starts(self) -> Iterator[tuple[jax.Array, int]]:
+        """(x0, rows kept of its samples) per chunk; the same for every model and sampler."""
+
+    def labels(self, chunk: int, classes: int) -> jax.Array:
+        """The class labels of a chunk's samples, for a class-conditional model."""
+
+    def measure(self, x1: jax.Array) -> Any:
+        """What `score` needs of one chunk of samples (the samples themselves, or their features)."""
+
+    def score(self, measures: list, nfe: int) -> dict[str, Any]:
+        """One sampler's report cell from every chunk's measure: {metric: value, 'nfe': nfe}."""
+
+    def shown(self, x1: jax.Array) -> np.ndarray:
+        """The samples of the first chunk that the figure shows."""
+
+    def panels(self, flow: 'Flow', shown: Mapping[str, np.ndarray]) -> Any:
+        """One model's part of the figure, from its shown samples per sampler."""
+
+    def figure(self, path: epath.Path, results: Mapping[str, dict], panels: Mapping[str, Any], title: str) -> None:
+        """Writes the figure of every model's panels."""
+
+
+# data.kind -> its suite: `check(config)` (static) and `prepare(config, workdir) -> Suite`.
+SUITES = {
+    'toy2d': toy.PointCloudSuite,
+    'image': images.ImageSuite,
+}
+
+
+def parse_samplers(config: ml_collections.ConfigDict) -> list[solvers.Sampler]:
+    """`config.eval.samplers` as Sampler objects; a bad spec is a one-line config error."""
+    try:
+        return [solvers.parse_sampler(s, rtol=config.eval.rtol, atol=config.eval.atol)
+                for s in config.eval.samplers]
+    except ValueError as e:
+        raise errors.ConfigError(f'eval.samplers: {e}') from None
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Static checks of the data and evaluation fields a training method evaluates with."""
+    datasets.check(config)
+    parse_samplers(config)
+    SUITES[config.data.kind].check(config)
+
+
+def parameter_count(params: Any) -> int:
+    """The number of scalar parameters of a params pytree (the sum of its leaves' sizes)."""
+    return sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+class Flow:
+    """One entry of `models` as the job samples it, through its model kind: the one place that
+    opens a model entry (a `kinds.Model`, or an `(apply, params[, num_classes])` tuple).
+
+    A class-conditional model's chunk i gets the labels `labels(i, num_classes)`, passed with the
+    params so that one compiled sampler serves every chunk.
+    """
+
+    def __init__(self, model: Model, labels: Callable[[int, int], jax.Array], eps: float):
+        model = kinds.as_model(model)
+        self.kind, self.params, self.eps = model.kind, model.params, eps
+        self._labels, self._classes = labels, model.kind.num_classes
+
+    def _label(self, chunk: int) -> jax.Array | None:
+        return self._labels(chunk, self._classes) if self._classes else None
+
+    def sample(self, sampler: solvers.Sampler, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """(x1, nfe): the samples of chunk `chunk` from its starts x0."""
+        return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self._label(chunk))
+
+    def path(self, steps: int, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """(xs, vs): the Euler path from eps to 1 in `steps` steps and its step velocities."""
+        return _kind_path(self.kind, steps, self.eps)(self.params, x0, self._label(chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_sampler(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
+    """Jitted `(params, x0, labels) -> (x1, nfe)` of a kind; params traced, one compile per kind."""
+
+    @jax.jit
+    def fn(params, x0, label):
+        return kind.sample(params, x0, sampler, eps=eps, label=None if label is None else label[:len(x0)])
+
+    return fn
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_path(kind: kinds.Kind, steps: int, eps: float):
+    """Jitted `(params, x0, labels) -> (xs, vs)`: the kind's Euler path from eps to 1."""
+
+    @jax.jit
+    def fn(params, x0, label):
+        velocity = kind.velocity(params, None if label is None else label[:len(x0)])
+        return solvers.trajectory(velocity, x0, steps=steps, t0=eps, t1=1.0)
+
+    return fn
+
+
+def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[dict[str, Any], np.ndarray]:
+    """(report cell, shown samples) of one model and sampler, over all chunks of the suite's starts."""
+    measures, nfes, shown = [], [], None
+    for chunk, (x0, rows) in enumerate(suite.starts()):
+        x1, nfe = flow.sample(sampler, x0, chunk)
+        x1 = x1[:rows]
+        shown = suite.shown(x1) if shown is None else shown
+        measures.append(suite.measure(x1))
+        nfes.append(int(nfe))
+    return suite.score(measures, int(round(float(np.mean(nfes))))), shown
+
+
+def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | None]:
+    """{'straightness', 'straightness_norm'} of the model's Euler paths from the first chunk's starts."""
+    x0, _ = next(iter(suite.starts()))
+    xs, vs = flow.path(steps, x0[:suite.straightness_rows], 0)
+    values = straightness.path_straightness(sharding.to_host(xs), sharding.to_host(vs), 1.0 - flow.eps)
+    if suite.diverged_straightness_as_null:
+        return {k: report.finite_or_none(v) for k, v in values.items()}
+    return values
+
+
+def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[solvers.Sampler], *,
+                 workdir: epath.Path, eps: float, straightness_steps: int, title: str) -> dict:
+    """Samples and scores every model with every sampler; merges into the workdir's report.
+
+    Entry per model: {'params': count, sampler_key: {metric: value, 'nfe': n}, 'straightness',
+    'straightness_norm', and the suite's floor}. Writes report.json, report.md and samples.png
+    (process 0) and returns the merged report.
+    """
+    results, panels = {}, {}
+    for name, model in models.items():
+        flow = Flow(model, suite.labels, eps)
+        entry, shown = {'params': parameter_count(flow.params)}, {}
+        for sampler in samplers:
+            entry[sampler.key], shown[sampler.key] = _score_sampler(flow, sampler, suite)
+            logging.info('evaluate %s %s: %s', name, sampler.key, entry[sampler.key])
+        entry.update(_straightness(flow, suite, straightness_steps))
+        entry.update(suite.floor)
+        results[name] = entry
+        panels[name] = suite.panels(flow, shown)
+
+    merged = {**report.read_report(workdir), **results}
+    if jax.process_index() == 0:
+        report.write_report(workdir, merged)
+        if panels:
+            suite.figure(workdir / 'samples.png', results, panels, title)
+    sharding.barrier('flowjax-evaluate-report')  # the other processes find the files written
+    return merged
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, models: Mapping[str, Model]) -> dict:
+    """Scores `models` ({label: (apply, params[, num_classes])}) on `config.data` with `eval.samplers`."""
+    suite_type = SUITES[config.data.kind]
+    suite_type.check(config)
+    samplers = parse_samplers(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    suite = suite_type.prepare(config, workdir)
+    return score_models(models, suite, samplers, workdir=workdir, eps=config.flow.t_eps,
+                        straightness_steps=config.eval.straightness_steps,
+                        title=f'{config.method} on {datasets.describe(config)}')
+
+
+def evaluate_models(models: Mapping[str, Model], *, source: np.ndarray, data: np.ndarray, data_b: np.ndarray,
+                    samplers: Sequence[str], workdir: str | epath.Path, eps: float = 1e-3,
+                    straightness_steps: int = 100, trajectory_count: int = 16, title: str = '',
+                    rtol: float = 1e-5, atol: float = 1e-5) -> dict:
+    """Toy 2D models scored against given point clouds: `source` starts, held-out `data` and `data_b`."""
+    parsed = [solvers.parse_sampler(s, rtol=rtol, atol=atol) for s in samplers]
+    suite = toy.PointCloudSuite(source, data, data_b, trajectory_count=trajectory_count)
+    return score_models(models, suite, parsed, workdir=epath.Path(workdir), eps=eps,
+                        straightness_steps=straightness_steps, title=title)

@@ -1,0 +1,220 @@
+"""The workdir's evaluation report: report.json, report.md and the statistics of model groups.
+
+Every data kind writes the same report: `{model: {'params': n, sampler_key: {metric: value, 'nfe': n},
+'straightness': ..., '<metric>_data': floor}}`, plus the info sections `couplings` and `groups`.
+Also the PNG writer every figure of the report goes through.
+"""
+
+import io
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from flowjax import errors
+
+LEGEND = (
+    'w2: exact 2-Wasserstein distance of samples to held-out data; '
+    "energy: energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (no square root); "
+    '(n): NFE; straightness: mean over t of E||(z1 - z0) - v(z_t, t)||^2 on an Euler path '
+    '(RF), straightness_norm: same with the norm (SlimFlow); '
+    'w2_data / energy_data: held-out data vs a second held-out sample (the noise floor); '
+    'params: the number of model parameters. '
+    'Images: fid (Inception-v3 features, pytorch-fid weights) or fd_digits (features of the '
+    'shipped digits classifier): Frechet distance of the samples to the statistics of the whole '
+    'dataset; fid_data / fd_digits_data: the same for as many real images (the floor). '
+    'Lower is better everywhere.')
+# Report entries that describe the run rather than a model.
+INFO_SECTIONS = ('couplings', 'groups')
+ONE_STEP = 'euler@1'  # the first column of the tables, next to the parameter count
+
+
+def finite_or_none(value: float) -> float | None:
+    """A JSON-safe metric: None (null) where a sampler diverged."""
+    return value if math.isfinite(value) else None
+
+
+def _statistics(values: Sequence[Any]) -> dict[str, Any]:
+    """{mean, std (ddof=1; 0 for one value), min, max, n} of the finite values; 'failed': how many were not."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n, failed = len(finite), len(values) - len(finite)
+    if n:
+        stats = {'mean': float(np.mean(finite)), 'std': float(np.std(finite, ddof=1)) if n > 1 else 0.0,
+                 'min': min(finite), 'max': max(finite), 'n': n}
+    else:
+        stats = {'mean': None, 'std': None, 'min': None, 'max': None, 'n': 0}
+    return {**stats, 'failed': failed} if failed else stats
+
+
+def _is_score(values: Sequence[Any]) -> bool:
+    """True if every value is a number or None (a failed score)."""
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+
+
+def _common(values: Sequence[Any]) -> Any:
+    """The value all members share, else None."""
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def group_statistics(report: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """Mean / std / min / max / n of each group's member scores in `report`.
+
+    Per group: {'models': [...], 'params' (if all members agree), sampler_key: {metric: stats,
+    'nfe' (if all agree)}, scalar: stats} for every numeric metric the members have ('nfe',
+    'params' and the `*_data` floors are not averaged). std is the sample standard deviation
+    (ddof=1, 0 for n = 1); None (failed) scores are left out and counted as 'failed'; a member
+    without a metric is left out.
+    """
+    out = {}
+    for group, labels in groups.items():
+        missing = [label for label in labels if label not in report]
+        if missing:
+            raise errors.ConfigError(f'eval.groups.{group}: {missing[0]!r} is not a model of the report')
+        members = [report[label] for label in labels]
+        stats = {'models': list(labels)}
+        params = _common([m.get('params') for m in members])
+        stats.update({} if params is None else {'params': params})
+        keys = list(dict.fromkeys(k for m in members for k, v in m.items() if isinstance(v, Mapping)))
+        for key in keys:
+            scores = [m[key] for m in members if isinstance(m.get(key), Mapping)]
+            stats[key] = {}
+            for metric in dict.fromkeys(name for s in scores for name in s):
+                values = [s[metric] for s in scores if metric in s]
+                if metric == 'nfe':
+                    nfe = _common(values)
+                    stats[key].update({} if nfe is None else {'nfe': nfe})
+                elif _is_score(values):
+                    stats[key][metric] = _statistics(values)
+        scalars = dict.fromkeys(k for m in members for k, v in m.items()
+                                if not isinstance(v, Mapping) and k != 'params' and not k.endswith('_data'))
+        for name in scalars:
+            values = [m[name] for m in members if name in m]
+            if _is_score(values):
+                stats[name] = _statistics(values)
+        out[group] = stats
+    return out
+
+
+def read_report(workdir: str | epath.Path) -> dict:
+    """The workdir's report.json, or {} if there is none yet."""
+    path = epath.Path(workdir) / 'report.json'
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex}.tmp'
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_report(workdir: str | epath.Path, report: Mapping[str, Any]) -> None:
+    """Writes report.json and report.md atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workdir / 'report.json', json.dumps(report, indent=2) + '\n')
+    _write_atomic(workdir / 'report.md', report_markdown(report))
+
+
+def format_value(value: Any) -> str:
+    """A report cell: 4 significant digits for floats, 'n/a' for a failed score."""
+    if value is None:
+        return 'n/a'
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+
+def format_count(n: int | None) -> str:
+    """A parameter count in three digits: 27.9M, 190k, 1.23k, 512."""
+    if n is None:
+        return 'n/a'
+    for scale, unit in ((1e9, 'B'), (1e6, 'M'), (1e3, 'k')):
+        text = f'{n / scale:.3g}'
+        if float(text) >= 1:
+            return text + unit
+    return str(n)
+
+
+def _mean_std(stats: Mapping[str, Any] | None) -> str:
+    """'mean ± std' of group statistics, with the count of failed members if any."""
+    if stats is None:
+        return '-'
+    text = 'n/a' if stats['mean'] is None else f'{stats["mean"]:.4g} ± {stats["std"]:.2g}'
+    return text + (f' ({stats["failed"]} failed)' if stats.get('failed') else '')
+
+
+def _is_stats(value: Any) -> bool:
+    return isinstance(value, Mapping) and 'mean' in value and 'n' in value
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
+
+
+def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Groups table: a row per group, 'mean ± std' per sampler metric and per scalar."""
+    columns, scalars = [], []
+    for stats in groups.values():
+        for k, v in stats.items():
+            if _is_stats(v):
+                scalars += [k] if k not in scalars else []
+            elif isinstance(v, Mapping):
+                columns += [(k, m) for m, s in v.items() if _is_stats(s) and (k, m) not in columns]
+    columns.sort(key=lambda c: c[0] != ONE_STEP)
+    with_params = any('params' in stats for stats in groups.values())
+    header = ['group', 'n', *(['params'] if with_params else []), *(f'{k} {m}' for k, m in columns), *scalars]
+    rows = [[name, str(len(stats['models'])), *([format_count(stats.get('params'))] if with_params else []),
+             *(_mean_std(stats.get(k, {}).get(m)) for k, m in columns), *(_mean_std(stats.get(k)) for k in scalars)]
+            for name, stats in groups.items()]
+    note = 'Mean ± sample std over the models of each group (min, max and n in report.json).'
+    return ['## Groups', '', note, ''] + _table(header, rows) + ['']
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """One table per metric: rows are models, columns the parameter count and sampler keys, cells
+    'value (NFE)'; then straightness and baselines, info sections and the Groups table."""
+    info = {name: entry for name, entry in report.items() if name in INFO_SECTIONS}
+    report = {name: entry for name, entry in report.items() if name not in INFO_SECTIONS}
+    keys, metrics, scalars = [], [], []
+    for entry in report.values():
+        for k, v in entry.items():
+            if isinstance(v, dict):
+                keys += [k] if k not in keys else []
+                metrics += [m for m in v if m != 'nfe' and m not in metrics]
+            elif k not in scalars and k != 'params':
+                scalars.append(k)
+    keys.sort(key=lambda k: k != ONE_STEP)
+    with_params = any('params' in entry for entry in report.values())
+    params = ['params'] if with_params else []
+    lines = ['# Evaluation report', '', LEGEND, '']
+    for metric in metrics:
+        rows = []
+        for name, entry in report.items():
+            cells = [f'{format_value(entry[k].get(metric))} ({entry[k]["nfe"]})' if k in entry else '-'
+                     for k in keys]
+            rows.append([name] + ([format_count(entry.get('params'))] if with_params else []) + cells)
+        lines += [f'## {metric}', ''] + _table(['model'] + params + keys, rows) + ['']
+    rows = [[name] + [format_value(entry.get(k)) for k in scalars] for name, entry in report.items()]
+    lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
+    for name, entry in info.items():
+        if name != 'groups':
+            lines += [f'## {name}', ''] + _table(list(entry), [[format_value(v) for v in entry.values()]]) + ['']
+    if info.get('groups'):
+        lines += _groups_markdown(info['groups'])
+    return '\n'.join(lines)
+
+
+def save_figure(fig, path: epath.Path, title: str = '') -> None:
+    """Writes a matplotlib figure as PNG (local or bucket path), with an optional title."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    path.write_bytes(buf.getvalue())

@@ -1,0 +1,158 @@
+"""The toy 2D metric suite: samples scored against held-out point clouds, and the scatter figure.
+
+The metrics are the exact 2-Wasserstein distance and the energy distance to a held-out sample of
+the target; their floor is the same distances between two held-out samples. Every model starts
+from one fixed source batch, sampled in one chunk.
+"""
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from scipy import spatial
+
+from flowjax import errors, sharding
+from flowjax.data import toy2d
+from flowjax.evaluation import report
+
+_EMD_MAX_ITERS = 100_000_000  # Network-simplex pivots; only a cap (POT's default 1e5 can stop short).
+_HELD_OUT_SALT = 0xE7A1
+_PLOT_TRAJECTORY_STEPS = 50
+
+
+def w2(x: np.ndarray, y: np.ndarray) -> float:
+    """Exact 2-Wasserstein distance between equal-weight point clouds (network simplex)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    a = np.full(len(x), 1.0 / len(x))
+    b = np.full(len(y), 1.0 / len(y))
+    cost = spatial.distance.cdist(x, y, 'sqeuclidean')  # Exact zeros on ties.
+    import ot  # POT, imported when needed: it is slow to import and only toy data uses it
+
+    value, log = ot.emd2(a, b, cost, numItermax=_EMD_MAX_ITERS, log=True)
+    if log.get('warning') is not None:
+        raise RuntimeError(f'w2: exact OT did not converge: {log["warning"]}')
+    return math.sqrt(max(float(value), 0.0))
+
+
+def _mean_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """E|X - Y| over all pairs (V-statistic)."""
+    return float(spatial.distance.cdist(x, y, 'euclidean').mean())
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistics, no square root)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    value = 2.0 * _mean_distance(x, y) - _mean_distance(x, x) - _mean_distance(y, y)
+    return max(float(value), 0.0)
+
+
+def held_out_sets(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, data, data_b): `eval.num_samples` points of `data.source` and two held-out samples
+    of `data.target`, fixed by the seed."""
+    n = config.eval.num_samples
+    key = jax.random.fold_in(jax.random.key(config.seed), _HELD_OUT_SALT)
+    source = toy2d.sample(config.data.source, jax.random.fold_in(key, 0), n, 'data.source')
+    data = toy2d.sample(config.data.target, jax.random.fold_in(key, 1), n)
+    data_b = toy2d.sample(config.data.target, jax.random.fold_in(key, 2), n)
+    return source, data, data_b
+
+
+class PointCloudSuite:
+    """The evaluation job's toy 2D part (the interface of `job.Suite`)."""
+
+    straightness_rows = None  # the straightness path runs on the whole source batch
+    diverged_straightness_as_null = True
+
+    @staticmethod
+    def check(config: ml_collections.ConfigDict) -> None:
+        del config  # `job.check_data` checks everything a toy evaluation reads
+
+    @classmethod
+    def prepare(cls, config: ml_collections.ConfigDict, workdir: epath.Path) -> 'PointCloudSuite':
+        del workdir  # nothing is cached
+        return cls(*held_out_sets(config), trajectory_count=config.eval.trajectories)
+
+    def __init__(self, source: np.ndarray, data: np.ndarray, data_b: np.ndarray, *, trajectory_count: int = 16):
+        self.source = np.asarray(source, np.float32)
+        self.data = np.asarray(data, np.float64)
+        self.trajectory_count = trajectory_count
+        self.floor = {'w2_data': w2(self.data, data_b), 'energy_data': energy_distance(self.data, data_b)}
+        self._x0 = jnp.asarray(self.source)
+
+    def starts(self) -> Iterator[tuple[jax.Array, int]]:
+        yield self._x0, len(self._x0)
+
+    def labels(self, chunk: int, classes: int) -> jax.Array:
+        raise errors.ConfigError(f"model.num_classes={classes}: class labels need data.kind='image'")
+
+    def measure(self, x1: jax.Array) -> np.ndarray:
+        return sharding.to_host(x1)
+
+    def score(self, measures: list[np.ndarray], nfe: int) -> dict[str, Any]:
+        """{'w2', 'energy', 'nfe'} of one sampler's output against the held-out data."""
+        x1 = np.concatenate(measures)
+        if not np.all(np.isfinite(x1)):  # e.g. rk45 hit max_steps and returned NaNs.
+            return {'w2': None, 'energy': None, 'nfe': nfe}
+        return {'w2': report.finite_or_none(w2(x1, self.data)),
+                'energy': report.finite_or_none(energy_distance(x1, self.data)), 'nfe': nfe}
+
+    def shown(self, x1: jax.Array) -> np.ndarray:
+        return sharding.to_host(x1)
+
+    def panels(self, flow, shown: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], np.ndarray]:
+        """The model's samples per sampler and its Euler trajectories from the first sources."""
+        paths, _ = flow.path(_PLOT_TRAJECTORY_STEPS, self._x0[:self.trajectory_count], 0)
+        return shown, np.asarray(paths)
+
+    def figure(self, path: epath.Path, results: Mapping[str, dict], panels: Mapping[str, tuple], title: str) -> None:
+        plot_samples(path, results, panels, source=self.source, data=self.data, title=title)
+
+
+def _panel_keys(samples: Mapping[str, np.ndarray]) -> list[str]:
+    """The first and last sampler evaluated (e.g. euler@1 and rk45), without repeats."""
+    keys = list(samples)
+    return list(dict.fromkeys(keys[:1] + keys[-1:]))
+
+
+def plot_samples(path: epath.Path, results: Mapping[str, dict], plots: Mapping[str, tuple],
+                 *, source: np.ndarray, data: np.ndarray, title: str) -> None:
+    """Per model: sample panels for the cheapest and last sampler, then a trajectory panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    both = np.concatenate([source, data])
+    lo, hi = np.percentile(both, 0.5, axis=0), np.percentile(both, 99.5, axis=0)
+    center, half = (lo + hi) / 2, 0.6 * np.max(hi - lo)
+    cols = 1 + max(len(_panel_keys(samples)) for samples, _ in plots.values())
+    fig = Figure(figsize=(4 * cols, 4 * len(plots)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(plots), cols, squeeze=False)
+    for row, (name, (samples, paths)) in zip(axes, plots.items()):
+        keys = _panel_keys(samples)
+        for ax, key in zip(row, keys):
+            m = results[name][key]
+            ax.scatter(data[:, 0], data[:, 1], s=2, c='0.8', lw=0)
+            ax.scatter(samples[key][:, 0], samples[key][:, 1], s=2, c='C0', lw=0)
+            ax.set_title(f'{name}: {key} (NFE {m["nfe"]})\nw2 {report.format_value(m["w2"])}', fontsize=10)
+        ax = row[len(keys)]
+        ax.scatter(data[:, 0], data[:, 1], s=2, c='0.8', lw=0)
+        ax.plot(paths[:, :, 0], paths[:, :, 1], c='C1', lw=0.8, alpha=0.8)
+        ax.scatter(paths[0, :, 0], paths[0, :, 1], s=8, c='k', zorder=3)
+        ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=8, c='C3', zorder=3)
+        ax.set_title(f'{name}: {paths.shape[1]} Euler trajectories ({len(paths) - 1} steps)\n'
+                     'black: x0, red: endpoint', fontsize=10)
+        for ax in row:
+            ax.set_xlim(center[0] - half, center[0] + half)
+            ax.set_ylim(center[1] - half, center[1] + half)
+            ax.set_aspect('equal')
+            ax.tick_params(labelsize=7)
+        for ax in row[len(keys) + 1:]:
+            ax.axis('off')
+    report.save_figure(fig, path, title)
