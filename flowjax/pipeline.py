@@ -20,6 +20,7 @@ A stage whose `checkpoint` names an existing export (a workdir or its export/ di
 nothing is written there, and its fingerprint follows the export's path and meta.json.
 """
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -106,14 +107,21 @@ def _check_undeclared(cfg: ml_collections.ConfigDict, stage: str, method: method
                                      'does not declare that field as a reference (method.Method.references)')
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        methods: Mapping[str, method_lib.Method] | None = None) -> dict:
-    """Runs `config.stages` in order, skipping stages finished with the same fingerprint.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The checked stages of a pipeline: each stage's config with references resolved, its
+    fingerprint and directory; stand-in stages (`<stage>.checkpoint`) are not in `configs`."""
 
-    Every stage's method (from `methods`, default the table) checks its config before the first
-    stage starts, so a typo in the last stage does not wait for the first to finish training. A
-    stage with `checkpoint` set stands in for that export: it is neither checked nor run.
-    """
+    stages: tuple[str, ...]
+    configs: dict[str, ml_collections.ConfigDict]
+    fingerprints: dict[str, str]
+    dirs: dict[str, epath.Path]
+    standins: frozenset[str]
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         methods: Mapping[str, method_lib.Method] | None = None) -> Plan:
+    """Resolves and checks every stage of `config.stages` (nothing runs, nothing is written)."""
     methods = table.METHODS if methods is None else methods
     stages = tuple(config.stages)
     if not stages or len(set(stages)) != len(stages):
@@ -121,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     root = epath.Path(workdir)
     dirs = {name: root / name for name in stages}
     planned, fingerprints, standins = {}, {}, set()
-    for stage in stages:  # check every stage before running any
+    for stage in stages:
         if stage not in config:
             raise errors.ConfigError(f'stages: {stage!r} is listed but config.{stage} is not defined')
         if config[stage].get('checkpoint'):
@@ -140,6 +148,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         except errors.UserError as e:
             raise errors.ConfigError(f'{stage}.{e}') from None
         planned[stage] = cfg
+    return Plan(stages, planned, fingerprints, dirs, frozenset(standins))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        methods: Mapping[str, method_lib.Method] | None = None) -> dict:
+    """Runs `config.stages` in order, skipping stages finished with the same fingerprint.
+
+    Every stage's method (from `methods`, default the table) checks its config before the first
+    stage starts (`plan`), so a typo in the last stage does not wait for the first to finish
+    training. A stage with `checkpoint` set stands in for that export: it is neither checked nor run.
+    """
+    methods = table.METHODS if methods is None else methods
+    p = plan(config, workdir, methods)
+    stages, planned, fingerprints, dirs, standins = p.stages, p.configs, p.fingerprints, p.dirs, p.standins
+    root = epath.Path(workdir)
     results = {}
     for stage in stages:
         if stage in standins:

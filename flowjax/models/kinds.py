@@ -38,6 +38,8 @@ class _VelocityKind:
 
     def velocity(self, params: Any, label: jax.Array | None = None) -> Velocity:
         """v(x, t) of these params (class `label` (B,) for a class-conditional model)."""
+        if label is None:
+            return functools.partial(self.apply, params)
         return functools.partial(self.apply, params, label=label)
 
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
