@@ -281,8 +281,8 @@ def test_slimflow_cifar_recipe():
 
 
 def test_rf_cifar_then_slimflow_cifar_runlocal_on_mock_cifar10(tmp_path, monkeypatch):
-    """rf_cifar:runlocal on mock CIFAR-10, then slimflow_cifar:runlocal with it as the teacher; random
-    VGG16 weights stand in for the LPIPS file."""
+    """rf_cifar:runlocal on mock CIFAR-10, then slimflow_cifar:runlocal and rfpp_cifar:runlocal with
+    it as the teacher; random VGG16 weights stand in for the LPIPS file."""
     vgg, heads = lpips.random_torch_state_dicts(0)
     variables = lpips.params_from_torch(vgg, heads)
     monkeypatch.setattr(training, 'load_perceptual', lambda config: (
@@ -301,6 +301,15 @@ def test_rf_cifar_then_slimflow_cifar_runlocal_on_mock_cifar10(tmp_path, monkeyp
         assert config.distilled.flow.loss == 'lpips'
         config.teacher.checkpoint = str(tmp_path / 'rf_cifar')
         pipeline.run(config, str(tmp_path / 'slimflow'))
+
+        rfpp = experiment_config('rfpp_cifar', f'runlocal,data_dir={data_dir}')  # the same teacher
+        assert (rfpp.student.flow.loss, rfpp.student.flow.time, rfpp.student.lpips.pool) == ('lpips_huber',
+                                                                                            'u_shaped', 'avg')
+        rfpp.teacher.checkpoint = str(tmp_path / 'rf_cifar')
+        pipeline.run(rfpp, str(tmp_path / 'rfpp'))
+    logged = [json.loads(line) for line in (tmp_path / 'rfpp' / 'student' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(np.isfinite(m['loss']) and m['loss_lpips'] > 0 and m['loss_huber'] > 0 for m in logged)
+    assert json.loads((tmp_path / 'rfpp' / 'report.json').read_text())['student']['euler@1'] == {'nfe': 1}
     report = json.loads((tmp_path / 'slimflow' / 'report.json').read_text())
     assert report['distilled']['euler@1'] == {'nfe': 1}
     assert report['distilled']['params'] < report['teacher']['params']
