@@ -91,6 +91,9 @@ def base() -> ml_collections.ConfigDict:
     # method 'evaluate': group name -> tuple of model labels (as in the report), e.g. one recipe's
     # seeds, whose scores the report summarises as mean / std / min / max.
     c.eval.groups = ml_collections.ConfigDict()
+    # method 'evaluate': name -> (group_a, group_b) of eval.groups whose i-th models are paired (e.g. the
+    # same seed in two arms); the report gives the mean / spread of a - b per score and the paired t.
+    c.eval.differences = ml_collections.ConfigDict()
     return c
 
 

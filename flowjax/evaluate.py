@@ -42,6 +42,18 @@ def check(config: ml_collections.ConfigDict) -> None:
                 raise errors.ConfigError(f'{field}: {label!r} is not a model of eval.models ({known})')
             if members.count(label) > 1:
                 raise errors.ConfigError(f'{field}: {label!r} is listed twice')
+    groups = config.eval.get('groups') or {}
+    for name, pair in (config.eval.get('differences') or {}).items():
+        field = f'eval.differences.{name}'
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(g, str) for g in pair):
+            raise errors.ConfigError(f'{field}={pair!r}: expected (group_a, group_b), two groups of eval.groups')
+        for group in pair:
+            if group not in groups:
+                raise errors.ConfigError(f"{field}: {group!r} is not a group of eval.groups "
+                                         f"({', '.join(groups) or 'none'})")
+        if len(groups[pair[0]]) != len(groups[pair[1]]):
+            raise errors.ConfigError(f'{field}: groups {pair[0]!r} and {pair[1]!r} have {len(groups[pair[0]])} and '
+                                     f'{len(groups[pair[1]])} models; paired differences need as many in each')
 
 
 def _load(path: str) -> kinds.Model:
@@ -58,7 +70,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Each entry is an export path (or a pipeline stage name) or 'label=path'; the label
     defaults to the directory name. With `eval.couplings`, the coupling pass's pair count and
     mean NFE are reported too; with `eval.groups`, each group's mean / std / min / max
-    (`report.group_statistics`).
+    (`report.group_statistics`); with `eval.differences`, the paired differences of two groups
+    (`report.paired_differences`).
     """
     check(config)
     loaded = {}
@@ -67,8 +80,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         loaded[label] = _load(path)
     merged = evaluate(config, epath.Path(workdir), loaded)
     groups = config.eval.get('groups') or {}
-    stale = 'groups' in merged and not groups  # from an earlier evaluation in this workdir
+    differences = config.eval.get('differences') or {}
+    stale = ('groups' in merged and not groups) or ('differences' in merged and not differences)  # an earlier run's
     merged.pop('groups', None)
+    merged.pop('differences', None)
     if config.eval.couplings:
         from flowjax.data import couplings
 
@@ -77,6 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                'sampler': manifest['sampler'], 'direction': manifest['direction']}
     if groups:
         merged['groups'] = report.group_statistics(merged, groups)
+    if differences:
+        merged['differences'] = report.paired_differences(merged, groups, differences)
     if config.eval.couplings or groups or stale:
         report.write_report(workdir, merged)
     return merged

@@ -319,3 +319,39 @@ def test_bad_groups_are_one_line(exports, groups, fragment):
     with pytest.raises(errors.ConfigError) as e:
         evaluate.check(config)
     assert '\n' not in str(e.value) and fragment in str(e.value)
+
+
+def test_paired_differences_pair_the_ith_models():
+    cell = lambda w2, nfe=1: {'w2': w2, 'nfe': nfe}
+    scores = {'a0': (1.0, 0.5), 'a1': (2.0, 0.25), 'a2': (None, 0.5), 'b0': (1.5, 1.0), 'b1': (2.0, 1.0),
+              'b2': (3.0, 1.0)}
+    merged = {name: {'params': 10, 'euler@1': cell(w2), 'straightness': s, 'w2_data': 0.1}
+              for name, (w2, s) in scores.items()}
+    groups = {'a': ('a0', 'a1', 'a2'), 'b': ('b0', 'b1', 'b2')}
+    out = report.paired_differences(merged, groups, {'a - b': ('a', 'b')})['a - b']
+    assert out['pairs'] == [['a0', 'b0'], ['a1', 'b1'], ['a2', 'b2']]
+    w2 = out['euler@1']['w2']  # the pair with a failed score is left out and counted
+    assert (w2['n'], w2['failed'], w2['mean'], w2['min'], w2['max']) == (2, 1, -0.25, -0.5, 0.0)
+    s = out['straightness']
+    np.testing.assert_allclose([s['mean'], s['std']], [-0.5833333, np.std([-0.5, -0.75, -0.5], ddof=1)])
+    np.testing.assert_allclose(s['t'], s['mean'] / (s['std'] / np.sqrt(3)))
+    assert 'w2_data' not in out and 'params' not in out and 'nfe' not in out['euler@1']
+    text = report.report_markdown({**merged, 'groups': report.group_statistics(merged, groups),
+                                   'differences': {'a - b': out}})
+    assert '## Paired differences' in text and '| a - b | 3 |' in text
+
+
+@pytest.mark.parametrize('differences, fragment', [
+    ({'d': ('seeds', 'nope')}, "eval.differences.d: 'nope' is not a group of eval.groups (one, seeds)"),
+    ({'d': ('seeds',)}, 'eval.differences.d=(\'seeds\',): expected (group_a, group_b)'),
+    ({'d': ('seeds', 'one')}, "groups 'seeds' and 'one' have 2 and 1 models"),
+])
+def test_bad_differences_are_one_line(exports, differences, fragment):
+    config = configs.base()
+    config.method = 'evaluate'
+    config.eval.models = (str(exports / 's0'), str(exports / 's1'), f'solo={exports / "other"}')
+    config.eval.groups = {'seeds': ('s0', 's1'), 'one': ('solo',)}
+    config.eval.differences = differences
+    with pytest.raises(errors.ConfigError) as e:
+        evaluate.check(config)
+    assert '\n' not in str(e.value) and fragment in str(e.value)

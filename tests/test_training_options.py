@@ -65,3 +65,18 @@ def test_simple_reflow_digits_runlocal(digits_teacher, tmp_path):
     logged = _logged(tmp_path / 'simple')
     assert all(m['loss'] == pytest.approx(1.0) for m in logged)  # L / stopgrad(L) per sample
     assert all(m['loss_unweighted'] > 0 for m in logged)
+
+
+def test_reflow_options_ablation_runlocal(tmp_path):
+    """reflow_options:runlocal, one seed per arm: every arm's group and its paired difference to 2-RF."""
+    config = experiment_config('reflow_options', 'runlocal,seeds=1')
+    for stage in config.stages[2:-1]:
+        config[stage].train.steps = 8
+    pipeline.run(config, str(tmp_path))
+    report = json.loads((tmp_path / 'report.json').read_text())
+    arms = ('reflow', 'u_shaped', 'pseudo_huber', 'normalized', 'exp10')
+    assert set(report['groups']) == set(arms)
+    for arm in arms[1:]:
+        diff = report['differences'][f'{arm} - reflow']
+        assert diff['pairs'] == [[f'{arm}_s0', 'reflow_s0']] and diff['euler@1']['w2']['n'] == 1
+    assert '## Paired differences' in (tmp_path / 'report.md').read_text()

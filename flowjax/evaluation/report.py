@@ -30,7 +30,7 @@ LEGEND = (
     'dataset; fid_data / fd_digits_data: the same for as many real images (the floor). '
     'Lower is better everywhere.')
 # Report entries that describe the run rather than a model.
-INFO_SECTIONS = ('couplings', 'groups')
+INFO_SECTIONS = ('couplings', 'groups', 'differences')
 ONE_STEP = 'euler@1'  # the first column of the tables, next to the parameter count
 
 
@@ -152,6 +152,46 @@ def _is_stats(value: Any) -> bool:
     return isinstance(value, Mapping) and 'mean' in value and 'n' in value
 
 
+def _difference(a: Any, b: Any) -> float | None:
+    finite = all(v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                 for v in (a, b))
+    return float(a) - float(b) if finite else None
+
+
+def _paired(values: Sequence[float | None]) -> dict[str, Any]:
+    """`_statistics` of paired differences, with the paired t statistic mean / (std / sqrt(n)) when defined."""
+    stats = _statistics(values)
+    if stats['n'] > 1 and stats['std'] > 0:
+        stats['t'] = stats['mean'] / (stats['std'] / math.sqrt(stats['n']))
+    return stats
+
+
+def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[str]],
+                       differences: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """For each `name: (group_a, group_b)`: the differences a_i - b_i of every score the i-th models
+    of the two groups share (e.g. the same seed in two arms), summarised as mean / std / min / max /
+    n and the paired t statistic. Per difference: {'pairs': [[a_i, b_i], ...], sampler_key: {metric:
+    stats}, scalar: stats}; a pair where either score failed is left out and counted as 'failed'.
+    """
+    out = {}
+    for name, (group_a, group_b) in differences.items():
+        pairs = list(zip(groups[group_a], groups[group_b]))
+        entries = [(report[a], report[b]) for a, b in pairs]
+        stats: dict[str, Any] = {'pairs': [list(p) for p in pairs]}
+        first_a, first_b = entries[0]
+        for key, cell in first_a.items():
+            if isinstance(cell, Mapping) and isinstance(first_b.get(key), Mapping):
+                metrics = [m for m in cell if m != 'nfe' and all(m in ea.get(key, {}) and m in eb.get(key, {})
+                                                                  for ea, eb in entries)]
+                stats[key] = {m: _paired([_difference(ea[key][m], eb[key][m]) for ea, eb in entries])
+                              for m in metrics}
+            elif (not isinstance(cell, Mapping) and key != 'params' and not key.endswith('_data')
+                  and all(key in ea and key in eb for ea, eb in entries) and _is_score([cell])):
+                stats[key] = _paired([_difference(ea[key], eb[key]) for ea, eb in entries])
+        out[name] = stats
+    return out
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
@@ -174,6 +214,30 @@ def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
             for name, stats in groups.items()]
     note = 'Mean ± sample std over the models of each group (min, max and n in report.json).'
     return ['## Groups', '', note, ''] + _table(header, rows) + ['']
+
+
+def _differences_markdown(differences: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Paired differences table: a row per difference, 'mean ± std (t)' per score."""
+    columns, scalars = [], []
+    for stats in differences.values():
+        for k, v in stats.items():
+            if _is_stats(v):
+                scalars += [k] if k not in scalars else []
+            elif isinstance(v, Mapping):
+                columns += [(k, m) for m in v if (k, m) not in columns]
+    columns.sort(key=lambda c: c[0] != ONE_STEP)
+
+    def cell(stats):
+        text = _mean_std(stats)
+        return text + (f" (t {stats['t']:.2g})" if stats and 't' in stats else '')
+
+    header = ['a - b', 'pairs', *(f'{k} {m}' for k, m in columns), *scalars]
+    rows = [[name, str(len(stats['pairs'])), *(cell(stats.get(k, {}).get(m)) for k, m in columns),
+             *(cell(stats.get(k)) for k in scalars)] for name, stats in differences.items()]
+    note = ('Per pair (the i-th model of group a against the i-th of group b, e.g. the same seed): '
+            'mean ± sample std of a - b, and the paired t statistic mean / (std / sqrt(n)); '
+            'negative is better for a where lower is better.')
+    return ['## Paired differences', '', note, ''] + _table(header, rows) + ['']
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -203,10 +267,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     rows = [[name] + [format_value(entry.get(k)) for k in scalars] for name, entry in report.items()]
     lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
     for name, entry in info.items():
-        if name != 'groups':
+        if name not in ('groups', 'differences'):
             lines += [f'## {name}', ''] + _table(list(entry), [[format_value(v) for v in entry.values()]]) + ['']
     if info.get('groups'):
         lines += _groups_markdown(info['groups'])
+    if info.get('differences'):
+        lines += _differences_markdown(info['differences'])
     return '\n'.join(lines)
 
 
