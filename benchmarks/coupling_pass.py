@@ -35,18 +35,19 @@ def run_case(case: dict) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from flowjax import checkpoint, generate, models, sharding, train
+    from flowjax import checkpoint, generate, sharding, train
+    from flowjax.methods import table
     from flowjax.models import kinds
 
-    config = measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg'))
+    config = table.for_method(measure.experiment(case.get('experiment', 'rf_cifar'), case.get('arg')), 'generate')
     shape = (32, 32, 3)
-    module = models.build(config.model)
+    kind = kinds.from_config(config)
     mesh = sharding.data_mesh(jax.devices()[:case['devices']])
     with tempfile.TemporaryDirectory() as tmp:
         teacher = pathlib.Path(tmp) / 'teacher'
         zeros = jnp.zeros((1, *shape)), jnp.zeros((1,))  # parameters only: no optimiser state on the device
-        params = jax.jit(module.init)(jax.random.key(config.seed, impl='rbg'), *zeros)
-        checkpoint.export(teacher, params, train.export_meta(config, kinds.from_config(config), shape, 0))
+        params = jax.jit(kind.module.init)(jax.random.key(config.seed, impl='rbg'), *zeros)
+        checkpoint.export(teacher, params, train.export_meta(config, kind, shape, 0))
         del params
 
         images = pathlib.Path(tmp) / 'images.npz'  # only the shape matters: the pass starts from noise
@@ -56,7 +57,7 @@ def run_case(case: dict) -> dict:
                                shard_size=case['batch'], num_pairs=4 * case['batch'], model_dtype=case['dtype'])
         job = generate.prepare(config, mesh)
         eps = job.manifest['t_eps']
-        solve = generate._pair_solver(job.model, job.sampler, eps, 1.0, mesh)
+        solve = generate._pair_solver(job.kind, job.sampler, eps, True, mesh)
         rows = NamedSharding(mesh, P('data'))
         params = jax.device_put(job.params, NamedSharding(mesh, P()))
         x = jax.device_put(measure.host_array((case['batch'], *shape)), rows)
@@ -67,7 +68,7 @@ def run_case(case: dict) -> dict:
         seconds = measure.median_seconds(lambda: compiled(params, x, label), warmup=2, repeats=case['repeats'])
         nfe = int(compiled(params, x, label)[1][0])  # the solver's own count of network calls per pair
         rate = case['batch'] * nfe / seconds
-        forward = measure.flops(module.apply, params, *zeros)
+        forward = measure.flops(kind.module.apply, params, *zeros)
         result = {**case, 'img_nfe_per_s': rate, 'compile_s': compile_s, 'gflop_per_nfe': forward / 1e9,
                   'mfu': rate * forward / (case['peak_tflops'] * 1e12 * case['devices']),
                   'hours_1m_127': 1e6 * 127 / rate / 3600}

@@ -20,6 +20,7 @@ from flowjax.data import couplings, toy2d
 from flowjax.flows import objective
 from flowjax.methods import rf, table
 from flowjax.methods.training import Context
+from flowjax.models import kinds
 from test_generate import _assert_same, _export_teacher, _stored
 from test_main import _main, _one_line_error
 
@@ -37,8 +38,8 @@ def _config(**train_fields):
 def _train(config, workdir, *, poison=None, on_read=None):
     """train.train on the toy data; batch `poison` (a 0-based step) is NaN, `on_read(step)` runs as a batch is read."""
     mesh = sharding.data_mesh()
-    module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source),
+    kind = kinds.from_config(config)
+    ctx = Context(apply=kind.apply, source=toy2d.source_sampler(config.data.source),
                   flow=objective.Flow(t_eps=config.flow.t_eps))
     clean = toy2d.make_batches(config.data.target, mesh, config.train.batch_size, config.seed)
 
@@ -48,7 +49,7 @@ def _train(config, workdir, *, poison=None, on_read=None):
         batch = clean(step)
         return {**batch, 'x1': batch['x1'] * np.nan} if step == poison else batch
 
-    return train.train(config, workdir, module=module, loss_fn=rf.loss_fn, ctx=ctx, batches=batches,
+    return train.train(config, workdir, kind=kind, loss_fn=rf.loss_fn, ctx=ctx, batches=batches,
                        sample_shape=(2,), mesh=mesh)
 
 

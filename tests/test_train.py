@@ -12,15 +12,16 @@ from flowjax.data import stream, toy2d
 from flowjax.flows import objective
 from flowjax.methods import rf
 from flowjax.methods.training import Context
+from flowjax.models import kinds
 
 
 def _run(config, workdir, devices=None):
     mesh = sharding.data_mesh(devices)
-    module = models.build(config.model)
-    ctx = Context(apply=models.apply_fn(module), source=toy2d.source_sampler(config.data.source),
+    kind = kinds.from_config(config)
+    ctx = Context(apply=kind.apply, source=toy2d.source_sampler(config.data.source),
                   flow=objective.Flow(t_eps=config.flow.t_eps))
     batches = toy2d.make_batches(config.data.target, mesh, config.train.batch_size, config.seed)
-    return train.train(config, workdir, module=module, loss_fn=rf.loss_fn, ctx=ctx, batches=batches,
+    return train.train(config, workdir, kind=kind, loss_fn=rf.loss_fn, ctx=ctx, batches=batches,
                        sample_shape=(2,), mesh=mesh)
 
 
