@@ -8,9 +8,10 @@ students initialised from it on the same couplings and step budget: `reflow` (2-
 dropout) and `simple` with the options the paper pins down: per-sample loss normalisation
 `L / stopgrad(L)`, the time density proportional to 10^{t_noise} (read as t_noise = 1 - t: more
 training near noise), and no dropout for the student. Both are scored with `fd_digits` at 1, 2 and
-4 Euler steps and with Heun on EDM's rho = 7 time grid (`heun@4:edm`, 8 NFE). Not here yet:
-forward pairs (real images inverted by the teacher) and their mixing with backward ones; the
-high-pass loss and projected pairs are not implemented (their computation is not known).
+4 Euler steps and with Heun on EDM's rho = 7 time grid (`heun@4:edm`, 8 NFE). Not used here yet:
+forward pairs (`generate.direction = 'forward'`) and their mixing with backward ones
+(`reflow.mix_couplings`, `reflow.mix_fraction`); the high-pass loss and projected pairs are not
+implemented (their computation is not known).
 Arguments: `runlocal`, and `digits_reflow.py`'s `nf=`, `pairs=`, `steps=`.
 """
 

@@ -1,13 +1,16 @@
 """Method `generate`: a teacher's couplings, written as a sharded, resumable store in the workdir.
 
-Pair i depends only on (seed, i): its start point is drawn from `fold_in(key, i)` and its ODE is
+Pair i depends only on (seed, i): its start point is drawn from `fold_in(key, i)` (forward image
+pairs: read on the host from dataset row `perm_e[i mod N]`, see `data_rows`) and its ODE is
 solved on its own (vmap over single examples, so rk45's steps and NFE are per pair), so the store
-is the same on any number of devices or processes: bit for bit on CPU; on GPU only while the rows
-per device (batch_size / local devices) stay the same, since matmul kernels, and with them the last
-bits (which can flip rk45 step decisions), depend on that shape. Process p writes the shards k with
-k % process_count == p over its local devices, with no cross-process collectives; shards already
-on disk are skipped, so a preempted pass resumes where it stopped. On SIGTERM (or the first Ctrl-C)
-each process stops after the shard it is writing and the pass raises `errors.Preempted`.
+is the same on any number of devices or processes: bit for bit on CPU with an MLP teacher; with a
+convolutional one on CPU, and on GPU, only while the rows per device (batch_size / local devices,
+at most a shard) stay the same, since those kernels, and with them the last bits (which can flip
+rk45 step decisions), depend on that shape (docs/methods.md, Couplings). Process p writes the
+shards k with k % process_count == p over its local devices, with no cross-process collectives;
+shards already on disk are skipped, so a preempted pass resumes where it stopped. On SIGTERM (or
+the first Ctrl-C) each process stops after the shard it is writing and the pass raises
+`errors.Preempted`.
 """
 
 import dataclasses
@@ -54,15 +57,19 @@ MODEL_DTYPES = ('float32', 'bfloat16')  # generate.model_dtype: the teacher's ac
 DIRECTIONS = ('backward', 'forward')  # backward: noise -> teacher data; forward: real data -> noise
 _STREAMS = {'backward': 0x6E01, 'forward': 0xDA7A}  # start points: noise, or real data
 Draw = Callable[[jax.Array], jax.Array]  # key -> one example
+# (pair ids, with labels) -> their real x1 float32 (n, *shape) and int32 labels (n,) or None, on the host
+Read = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Endpoints:
-    """Per-example on-device samplers of a data kind: `noise` (x0) and real `data` (x1)."""
+    """Where a data kind's pairs start: on-device samplers of `noise` (x0) and real `data` (x1),
+    or real x1 read on the host (`read`, for data held by a host reader such as images)."""
     shape: tuple[int, ...]
     noise: Draw
-    data: Draw | None  # None: this kind has no forward (data -> noise) pairs
+    data: Draw | None  # None: real data is read on the host (`read`), or not needed (backward)
     spec: dict  # the data fields the pairs depend on, recorded in the manifest
+    read: Read | None = None  # forward pairs of host-read data
 
 
 def _toy2d_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpoints:
@@ -74,12 +81,38 @@ def _toy2d_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpo
 
 
 def _image_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpoints:
-    if direction != 'backward':
-        raise errors.ConfigError("generate.direction='forward' (real images -> noise) is not supported for "
-                                 "data.kind='image' yet; use 'backward'")
+    """Backward: N(0, I) noise of the images' shape. Forward: pair i's x1 is dataset row
+    `data_rows(seed, i, N)`, unflipped (`data.flip` is not applied), with its true label; the
+    manifest's `data` records the image source and N (docs/methods.md, Couplings)."""
     shape = datasets.sample_shape(config)
-    return Endpoints(shape=shape, noise=lambda key: jax.random.normal(key, shape), data=None,
-                     spec={'kind': 'image', 'shape': list(shape)})
+    noise = lambda key: jax.random.normal(key, shape)
+    spec = {'kind': 'image', 'shape': list(shape)}
+    if direction == 'backward':
+        return Endpoints(shape=shape, noise=noise, data=None, spec=spec)
+    count = datasets.num_images(config)
+
+    def read(ids: np.ndarray, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return datasets.read_rows(config, data_rows(config.seed, ids, count), labels)
+
+    return Endpoints(shape=shape, noise=noise, data=None, read=read,
+                     spec={**spec, 'image': config.data.image.to_dict(), 'num_images': count})
+
+
+@functools.lru_cache(maxsize=2)
+def _data_permutation(seed: int, epoch: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed, _STREAMS['forward'], epoch]).permutation(count)
+
+
+def data_rows(seed: int, ids: np.ndarray, count: int) -> np.ndarray:
+    """The dataset row of each forward pair id i: `perm_e[i mod N]` with e = i // N and perm_e a
+    permutation of the N rows drawn from (seed, epoch e), so the first N pairs use every image once,
+    the next N again in a fresh order (docs/methods.md, Couplings)."""
+    epochs, positions = np.divmod(np.asarray(ids, np.int64), count)
+    rows = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        rows[mask] = _data_permutation(seed, int(epoch), count)[positions[mask]]
+    return rows
 
 
 # data.kind -> endpoints.
@@ -97,7 +130,7 @@ class Job:
     sampler: solvers.Sampler
     endpoints: Endpoints
     manifest: dict
-    classes: int  # > 0: a class-conditional teacher; pair i gets a uniform label drawn from (seed, i)
+    classes: int  # > 0: class-conditional; pair i's label is uniform from (seed, i), or its real image's (forward)
 
 
 def _teacher_path(teacher: str) -> str:
@@ -159,6 +192,8 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
     kind = kinds.from_meta(meta, 'generate.teacher')
     classes = kind.num_classes
+    if classes and endpoints.read is not None:
+        _check_labels(config, classes)
     manifest = {
         'version': couplings.FORMAT_VERSION, 'teacher': teacher, 'teacher_step': meta.get('step'),
         'data': endpoints.spec, 'sampler': sampler.key,
@@ -169,6 +204,19 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         'model_dtype': cfg.model_dtype, 'num_classes': classes, 'complete': False, 'mean_nfe': None,
     }
     return Job(kind, params, sampler, endpoints, manifest, classes)
+
+
+def _check_labels(config: ml_collections.ConfigDict, classes: int) -> None:
+    """Forward image pairs of a class-conditional teacher take their images' labels: refused in one
+    line when the images have none, or labels the teacher does not know."""
+    labels = datasets.load_images(config)[1]
+    spec = config.data.image.to_dict()
+    if labels is None:
+        raise errors.UserError(f'generate.teacher: a class-conditional teacher (num_classes={classes}) needs '
+                               f'labelled images for forward pairs; data.image ({spec}) has no labels')
+    if labels.size and labels.max() >= classes:
+        raise errors.UserError(f'generate.teacher: the teacher has num_classes={classes}, data.image ({spec}) '
+                               f'has label {int(labels.max())}')
 
 
 @functools.lru_cache(maxsize=16)
@@ -199,6 +247,28 @@ def _label_drawer(classes: int, mesh: Mesh):
     """Jitted `(key, ids) -> labels`: pair i's class drawn uniformly from fold_in(key, i) (0 if none)."""
     draw = (lambda key: jax.random.randint(key, (), 0, classes)) if classes else (lambda key: jnp.int32(0))
     return _start_drawer(draw, mesh)
+
+
+def _start_points(job: Job, direction: str, mesh: Mesh) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
+    """`ids -> (x_start, label)` on the devices, rows sharded along 'data': drawn there from
+    (seed, i), or (forward pairs of host-read data) read on the host and put on the devices."""
+    row_sharding = NamedSharding(mesh, P('data'))
+    if direction == 'forward' and job.endpoints.read is not None:
+        def read(ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
+            x, label = job.endpoints.read(ids, bool(job.classes))
+            label = label if job.classes else np.zeros(len(ids), np.int32)
+            return jax.device_put(x, row_sharding), jax.device_put(label.astype(np.int32), row_sharding)
+
+        return read
+    key = start_key(job.manifest['seed'], direction)
+    draw = _start_drawer(job.endpoints.noise if direction == 'backward' else job.endpoints.data, mesh)
+    draw_label, label_key = _label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)
+
+    def on_device(ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        ids = jax.device_put(ids, row_sharding)
+        return draw(key, ids), draw_label(label_key, ids)
+
+    return on_device
 
 
 def start_key(seed: int, direction: str) -> jax.Array:
@@ -260,14 +330,16 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
 
 
 def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
-    """`couplings.png`: the first pairs of shard 0, noise x0 beside the teacher's x1."""
+    """`couplings.png`: the first pairs of shard 0, noise x0 beside x1 (the teacher's, or real for
+    forward pairs)."""
     from flowjax.evaluation import images
 
     if 0 not in couplings.present_shards(out, 1):
         return
     pairs = couplings.read_shard(out, 0, manifest, names=('x0', 'x1'))
     x0 = np.clip(np.asarray(pairs['x0'][:count], np.float32) / 3.0, -1, 1)  # noise shown at std 1/3
-    images.save_grids(out / 'couplings.png', {'pairs': {'x0 (noise / 3)': x0, 'x1 (teacher)': pairs['x1'][:count]}},
+    x1 = {'backward': 'x1 (teacher)', 'forward': 'x1 (real)'}[manifest['direction']]
+    images.save_grids(out / 'couplings.png', {'pairs': {'x0 (noise / 3)': x0, x1: pairs['x1'][:count]}},
                       None, title=f"couplings: {manifest['sampler']}")
 
 
@@ -279,20 +351,16 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
     backward = cfg.direction == 'backward'
     eps = job.manifest['t_eps']
     solve = _pair_solver(job.kind, job.sampler, eps, backward, mesh)
-    draw = _start_drawer(job.endpoints.noise if backward else job.endpoints.data, mesh)
-    key = start_key(job.manifest['seed'], cfg.direction)
-    draw_label, label_key = _label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)
+    starts = _start_points(job, cfg.direction, mesh)
     params = jax.device_put(job.params, NamedSharding(mesh, P()))
     rows = min(cfg.batch_size, -(-cfg.shard_size // mesh.size) * mesh.size)
-    row_sharding = NamedSharding(mesh, P('data'))
 
     def dispatch(k: int) -> list:
         lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
         pending = []
         for start in range(lo, hi, rows):
             ids = np.minimum(np.arange(start, start + rows), hi - 1).astype(np.int32)  # pad with the last pair
-            ids = jax.device_put(ids, row_sharding)
-            x_start, label = draw(key, ids), draw_label(label_key, ids)
+            x_start, label = starts(ids)
             pending.append((hi - start, x_start, label, *solve(params, x_start, label)))
         return pending
 

@@ -158,3 +158,84 @@ def test_incomplete_or_missing_store_is_refused(tmp_path):
     couplings.write_manifest(tmp_path, {**manifest, 'complete': True})
     with pytest.raises(errors.UserError, match='2 of 4 shards present'):
         couplings.open_store(tmp_path)
+
+
+
+def _second_store(path, n: int, num_classes: int = 3, shape=(2,)) -> dict[str, np.ndarray]:
+    """A store told apart from `_pairs` by its values: x0 = (i + 100) / 7, x1 = x0 - 9; labels iff num_classes."""
+    ids = np.arange(n)
+    x0 = np.broadcast_to((ids[:, None] + 100.0) / 7, (n, *shape)).astype(np.float32)
+    pairs = {'x0': x0, 'x1': x0 - 9, 'index': ids.astype(np.int64), 'nfe': np.full(n, 4, np.int32)}
+    if num_classes:
+        pairs['label'] = (ids % num_classes).astype(np.int32)
+    path.mkdir(parents=True)
+    couplings.write_manifest(path, {**_manifest(n, n), 'direction': 'forward', 'shape': list(shape),
+                                    'num_classes': num_classes})
+    couplings.write_shard(path, 0, pairs, 'float32')
+    return pairs
+
+
+def test_mixed_reader_draws_the_configured_rows_from_each_store():
+    """m = 3 of every batch of 12 from the second store, each store in its own per-epoch order."""
+    main, second = _pairs(60), _pairs(15)
+    second['x1'] = second['x0'] - 9
+    whole = couplings.MixedCouplingBatches(main, second, 12, 3, seed=5, process_index=0, process_count=1)
+    halves = [couplings.MixedCouplingBatches(main, second, 12, 3, seed=5, process_index=p, process_count=2)
+              for p in (0, 1)]
+    mains, seconds = [], []
+    for step in range(15):  # 3 epochs of the second store, 15 * 9 / 60 = 2.25 of the main one
+        which, ids = whole.global_ids(step)
+        assert which.tolist() == [0] * 9 + [1] * 3
+        split = [h.local_ids(step) for h in halves]  # two processes read the one-process batch
+        np.testing.assert_array_equal(np.concatenate([w for w, _ in split]), which)
+        np.testing.assert_array_equal(np.concatenate([i for _, i in split]), ids)
+        mains.append(ids[:9])
+        seconds.append(ids[9:])
+        batch = whole.local_batch(step)
+        assert set(batch) == {'x0', 'x1', 'label'} and batch['x0'].dtype == np.float32
+        np.testing.assert_array_equal(batch['x1'], np.concatenate([main['x1'][ids[:9]], second['x1'][ids[9:]]]))
+        np.testing.assert_array_equal(batch['label'], np.concatenate([main['label'][ids[:9]],
+                                                                      second['label'][ids[9:]]]))
+    mains, seconds = np.concatenate(mains), np.concatenate(seconds)
+    epochs = [seconds[e * 15:(e + 1) * 15] for e in range(3)]
+    assert all(sorted(e.tolist()) == list(range(15)) for e in epochs)
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert all(sorted(mains[e * 60:(e + 1) * 60].tolist()) == list(range(60)) for e in range(2))
+    # The main store reads as a plain reader of batch B - m would; the second has permutations of its own.
+    plain = couplings.CouplingBatches(main, 9, seed=5, process_index=0, process_count=1)
+    np.testing.assert_array_equal(mains[:27], np.concatenate([plain.local_ids(s) for s in range(3)]))
+    alone = couplings.CouplingBatches(second, 3, seed=5, process_index=0, process_count=1)
+    assert not np.array_equal(epochs[0], alone.permutation(0))
+    # Stateless: a fresh reader (a resumed run) gives the same batch for a step; another seed another.
+    again = couplings.MixedCouplingBatches(main, second, 12, 3, seed=5, process_index=1, process_count=2)
+    np.testing.assert_array_equal(again.local_batch(11)['x0'], halves[1].local_batch(11)['x0'])
+    other = couplings.MixedCouplingBatches(main, second, 12, 3, seed=6, process_index=0, process_count=1)
+    assert not np.array_equal(other.global_ids(0)[1], whole.global_ids(0)[1])
+
+
+def test_make_mixed_batches_and_layout_refusals(tmp_path):
+    _write_store(tmp_path / 'main', n=40, shard_size=16)  # labels i % 3
+    manifest = couplings.read_manifest(tmp_path / 'main')
+    couplings.write_manifest(tmp_path / 'main', {**manifest, 'num_classes': 3})
+    _second_store(tmp_path / 'second', n=20)
+    mesh = sharding.data_mesh()
+    batches = couplings.make_mixed_batches(tmp_path / 'main', tmp_path / 'second', 4, mesh, 16, seed=2,
+                                           expect={'shape': [2]})
+    batch = batches(5)
+    assert set(batch) == {'x0', 'x1', 'label'} and batch['x0'].shape == (16, 2)
+    assert batch['x0'].sharding.is_equivalent_to(sharding.batch_sharded(mesh), 2)
+    assert len(batch['x1'].addressable_shards) == jax.device_count()
+    reader = couplings.MixedCouplingBatches(couplings.open_store(tmp_path / 'main').load(),
+                                            couplings.open_store(tmp_path / 'second').load(), 16, 4, seed=2)
+    for name, value in reader.local_batch(5).items():
+        np.testing.assert_array_equal(np.asarray(batch[name]), value, err_msg=name)
+    x0, x1 = np.asarray(batch['x0']), np.asarray(batch['x1'])
+    assert np.isclose(x1, x0 - 9).all(axis=1).tolist() == [False] * 12 + [True] * 4  # the second store's 4
+    _second_store(tmp_path / 'unlabelled', n=20, num_classes=0)
+    with pytest.raises(errors.UserError) as excinfo:
+        couplings.make_mixed_batches(tmp_path / 'main', tmp_path / 'unlabelled', 4, mesh, 16, seed=2)
+    message = _one_line(excinfo)
+    assert 'unlabelled' in message and "'num_classes': 0" in message and 'same shape and labels' in message
+    _second_store(tmp_path / 'wide', n=20, shape=(3,))
+    with pytest.raises(errors.UserError, match=r"'shape': \[3\]"):
+        couplings.make_mixed_batches(tmp_path / 'main', tmp_path / 'wide', 4, mesh, 16, seed=2)

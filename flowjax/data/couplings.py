@@ -32,6 +32,7 @@ IDENTITY_FIELDS = ('version', 'teacher', 'teacher_step', 'data', 'sampler', 'rto
                    'num_pairs', 'shard_size', 'dtype', 'shape', 't_eps', 'model_dtype')
 _PAIR_FIELDS = ('x0', 'x1')
 _PAIR_FLIP_SALT = 0xF11C
+_MIX_SHUFFLE_SALT = 0x313C  # the second store of a mix: permutations of its own
 
 
 def num_shards(num_pairs: int, shard_size: int) -> int:
@@ -241,4 +242,83 @@ def make_batches(path: str | epath.Path, mesh: Mesh, batch_size: int, seed: int,
     if flip and len(store.shape) != 3:
         raise errors.UserError(f'{path}: paired flips need image couplings (H, W, C); these have shape {store.shape}')
     reader = CouplingBatches(store.load(), batch_size, seed, flip=flip, per_step=per_step)
+    return stream.global_batches(reader.local_batch, mesh)
+
+
+class MixedCouplingBatches:
+    """Stateless batches of two stores, `m` pairs of every batch from the second (docs/methods.md, Reflow (k-RF)).
+
+    Rows [0, B - m) of global batch `step` are batch `step` of the main store's shuffled stream at
+    batch size B - m; rows [B - m, B) batch `step` of the second store's at batch size m, whose
+    permutations are drawn from (seed, another salt, epoch). Each store's epochs visit each of its
+    pairs once; process p reads rows [p B / P, (p + 1) B / P), so a batch depends on (seed, step)
+    only, not on the device or process count. Both stores hold the same fields (`label` in both or
+    neither); x0 / x1 come back as float32.
+    """
+
+    def __init__(self, main: dict[str, np.ndarray], second: dict[str, np.ndarray], batch_size: int,
+                 second_rows: int, seed: int, *, process_index: int | None = None,
+                 process_count: int | None = None):
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        if batch_size < 1 or batch_size % pc:
+            raise errors.ConfigError(f'batch_size={batch_size}: must be a positive multiple of the process count '
+                                     f'({pc})')
+        if not 0 <= second_rows <= batch_size:
+            raise errors.ConfigError(f'{second_rows} pairs of the second store in a batch of {batch_size}')
+        if ('label' in main) != ('label' in second) or main['x0'].shape[1:] != second['x0'].shape[1:]:
+            raise errors.UserError(f"mixed coupling stores differ: pairs of shape {main['x0'].shape[1:]} and "
+                                   f"{second['x0'].shape[1:]}, labels {'label' in main} and {'label' in second}")
+        self._stores = (main, second)
+        self._sizes = (batch_size - second_rows, second_rows)
+
+        def whole(arrays: dict[str, np.ndarray], size: int, **salt) -> stream.ShuffledStream | None:
+            """A store's share of every global batch, all processes' rows."""
+            if not size:
+                return None
+            return stream.ShuffledStream(len(arrays['x0']), size, seed, **salt, process_index=0, process_count=1)
+
+        self._streams = (whole(main, self._sizes[0]), whole(second, second_rows, salt=_MIX_SHUFFLE_SALT))
+        self._fields = _PAIR_FIELDS + (('label',) if 'label' in main else ())
+        per = batch_size // pc
+        self._rows = slice(pi * per, (pi + 1) * per)
+
+    def global_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(store 0 or 1, row id in that store) of every row of global batch `step`."""
+        which = np.repeat(np.arange(2), self._sizes)
+        ids = np.concatenate([s.local_ids(step) for s in self._streams if s is not None])
+        return which, ids
+
+    def local_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """`global_ids` of this process's rows."""
+        which, ids = self.global_ids(step)
+        return which[self._rows], ids[self._rows]
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`: x0, x1 as float32[, label]."""
+        which, ids = self.local_ids(step)  # `which` is sorted: the main store's rows come first
+        batch = {}
+        for name in self._fields:
+            parts = [arrays[name][ids[which == s]] for s, arrays in enumerate(self._stores)]
+            parts = [p.astype(np.float32) for p in parts] if name in _PAIR_FIELDS else parts
+            batch[name] = np.concatenate(parts)
+        return batch
+
+
+def check_same_layout(main: Store, second: Store) -> None:
+    """Refuses (one line) two stores whose pairs cannot share a batch: another shape or label layout."""
+    layout = lambda store: {'shape': list(store.shape), 'num_classes': store.manifest.get('num_classes') or 0}
+    if layout(main) != layout(second):
+        raise errors.UserError(f'{second.path}: coupling store has {layout(second)} but {main.path} has '
+                               f'{layout(main)}; mixed stores must hold pairs of the same shape and labels')
+
+
+def make_mixed_batches(path: str | epath.Path, second: str | epath.Path, second_rows: int, mesh: Mesh,
+                       batch_size: int, seed: int, expect: dict | None = None) -> Callable[[int], dict[str, jax.Array]]:
+    """`batches(step) -> {'x0', 'x1'[, 'label']}` with `second_rows` pairs of each batch from the store
+    at `second`, the rest from the one at `path` (see `MixedCouplingBatches`)."""
+    sharding.check_batch_size(batch_size, mesh, 'batch_size')
+    main, other = open_store(path, expect), open_store(second, expect)
+    check_same_layout(main, other)
+    reader = MixedCouplingBatches(main.load(), other.load(), batch_size, second_rows, seed)
     return stream.global_batches(reader.local_batch, mesh)

@@ -60,6 +60,23 @@ def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return tuple(int(d) for d in images.as_source(load_images(config)[0]).shape)
 
 
+def num_images(config: ml_collections.ConfigDict) -> int:
+    """N, the number of images of `config.data.image`."""
+    return len(images.as_source(load_images(config)[0]))
+
+
+def read_rows(config: ml_collections.ConfigDict, ids: np.ndarray,
+              labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows `ids` of `config.data.image` as they are stored (float32 in [-1, 1], never flipped) and,
+    if `labels`, their int32 labels (None when the images have none)."""
+    data, all_labels = load_images(config)
+    source = images.as_source(data)
+    if labels and all_labels is not None and all_labels is source.labels:  # read with the rows
+        return source.read(ids, True)
+    x = source.take(ids)
+    return x, (np.asarray(all_labels[ids], np.int32) if labels and all_labels is not None else None)
+
+
 def noise(config: ml_collections.ConfigDict) -> Noise:
     """x0 for a loss: `(key, shape) -> x0` from `config.data.source`."""
     if config.data.kind == 'toy2d':

@@ -1,7 +1,7 @@
 """The order in which a training run reads a host-side dataset, and its transfer to the mesh.
 
 Global batch `step` is rows [step * B, (step + 1) * B) of the stream perm_0 ++ perm_1 ++ ...,
-perm_e a permutation of all N rows drawn from (seed, epoch e); process p of P reads rows
+perm_e a permutation of all N rows drawn from (seed, salt, epoch e); process p of P reads rows
 [p B / P, (p + 1) B / P) of it. The order is stateless in `step` (a resumed run needs no reader
 state), the same for any number of devices or processes, and each epoch visits every row once.
 """
@@ -23,11 +23,12 @@ _SHUFFLE_SALT = 0x5EED
 class ShuffledStream:
     """Row ids of this process's share of each global batch."""
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, *,
+    def __init__(self, num_rows: int, batch_size: int, seed: int, *, salt: int = _SHUFFLE_SALT,
                  process_index: int | None = None, process_count: int | None = None):
         self.num_rows = num_rows
         self.batch_size = batch_size
         self.seed = seed
+        self.salt = salt  # another salt: another sequence of permutations for the same seed
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if batch_size < 1 or batch_size % self.process_count:
@@ -46,7 +47,7 @@ class ShuffledStream:
         if epoch not in self._perms:
             if len(self._perms) >= 2:
                 self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self.seed, _SHUFFLE_SALT, epoch])
+            rng = np.random.default_rng([self.seed, self.salt, epoch])
             self._perms[epoch] = rng.permutation(self.num_rows)
         return self._perms[epoch]
 

@@ -1,6 +1,7 @@
 """Reflow (k-RF): the rectified-flow loss on a teacher's couplings, stored or solved per batch."""
 
 import functools
+import math
 
 import jax
 import ml_collections
@@ -16,6 +17,8 @@ def defaults() -> ml_collections.ConfigDict:
     """`config.reflow`: students trained on stored couplings, or on pairs solved per batch."""
     c = ml_collections.ConfigDict()
     c.couplings = config_dict.placeholder(str)  # coupling store dir, or a stage name
+    c.mix_couplings = config_dict.placeholder(str)  # a second store (dir or stage name) mixed into every batch
+    c.mix_fraction = 0.0  # its share f of each batch: floor(f * train.batch_size + 1/2) pairs; 0: unused
     c.init = config_dict.placeholder(str)  # export (or stage) to start from; None: fresh
     c.online_teacher = config_dict.placeholder(str)  # set: pairs solved per batch instead
     c.online_sampler = 'euler@32'
@@ -35,11 +38,39 @@ def _teacher_velocity(ctx: training.Context, label, x, t):
     return ctx.teacher_apply(ctx.teacher_params, x, t, label=label)
 
 
+def mix_rows(config: ml_collections.ConfigDict) -> int:
+    """m, the pairs of every batch read from `reflow.mix_couplings`: m = floor(f B + 1/2) for
+    f = `reflow.mix_fraction` and B = `train.batch_size`, the same for any device count; 0 when f = 0
+    (docs/methods.md, Reflow (k-RF)). One-line ConfigErrors for a bad f or a second store without one."""
+    cfg, batch = config.reflow, config.train.batch_size
+    f = cfg.mix_fraction
+    if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
+        raise errors.ConfigError(f'reflow.mix_fraction={f!r}: must be a number in [0, 1]')
+    if not f:
+        if cfg.mix_couplings:
+            raise errors.ConfigError(f'reflow.mix_couplings={cfg.mix_couplings!r}: set reflow.mix_fraction in (0, 1], '
+                                     'the share of each batch drawn from it')
+        return 0
+    if not cfg.mix_couplings:
+        raise errors.ConfigError(f'reflow.mix_fraction={f!r}: needs reflow.mix_couplings (a second coupling store '
+                                 'directory or stage name)')
+    rows = math.floor(f * batch + 0.5)
+    if rows == 0 or (rows == batch and f < 1.0):
+        raise errors.ConfigError(f'reflow.mix_fraction={f!r}: gives {rows} of train.batch_size={batch} pairs per '
+                                 'batch from reflow.mix_couplings, leaving one store unused; use 0, 1 or a fraction '
+                                 'that rounds to a count between')
+    return rows
+
+
 def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
     """Static checks; returns the online sampler when pairs are solved per batch."""
     training.check_training(config)
     cfg = config.reflow
+    mixed = mix_rows(config)
     if cfg.online_teacher:
+        if mixed:
+            raise errors.ConfigError('reflow.mix_couplings and reflow.online_teacher: mixed stores need stored '
+                                     'pairs, not online ones')
         if cfg.couplings:
             raise errors.ConfigError('reflow.couplings and reflow.online_teacher: set one, not both')
         try:
@@ -68,12 +99,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return training.fit(config, workdir, METHOD, loss_fn=online_loss_fn, batches=noise, init_params=init,
                             options=sampler, teacher=teacher)
 
+    mixed = mix_rows(config)
+
     def batches(mesh):
-        return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed,
-                                      expect={'shape': list(datasets.sample_shape(config))})
+        expect = {'shape': list(datasets.sample_shape(config))}
+        if mixed:
+            return couplings.make_mixed_batches(cfg.couplings, cfg.mix_couplings, mixed, mesh,
+                                                config.train.batch_size, config.seed, expect=expect)
+        return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed, expect=expect)
 
     return training.fit(config, workdir, METHOD, loss_fn=rf.loss_fn, batches=batches, init_params=init)
 
 
 METHOD = method.Method(name='reflow', run=run, check=check, section=defaults,
-                       references=('reflow.couplings', 'reflow.init', 'reflow.online_teacher'))
+                       references=('reflow.couplings', 'reflow.mix_couplings', 'reflow.init', 'reflow.online_teacher'))
