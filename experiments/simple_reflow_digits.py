@@ -7,11 +7,12 @@ The teacher and couplings of `digits_reflow.py` with the teacher trained at drop
 students initialised from it on the same couplings and step budget: `reflow` (2-RF, the teacher's
 dropout) and `simple` with the options the paper pins down: per-sample loss normalisation
 `L / stopgrad(L)`, the time density proportional to 10^{t_noise} (read as t_noise = 1 - t: more
-training near noise), and no dropout for the student. Both are scored with `fd_digits` at 1, 2 and
-4 Euler steps and with Heun on EDM's rho = 7 time grid (`heun@4:edm`, 8 NFE). Not used here yet:
-forward pairs (`generate.direction = 'forward'`) and their mixing with backward ones
-(`reflow.mix_couplings`, `reflow.mix_fraction`); the high-pass loss and projected pairs are not
-implemented (their computation is not known).
+training near noise), no dropout for the student, and forward pairs: stage `forward_pairs` inverts as
+many real digits as there are couplings with the teacher, and half of every batch of `simple`
+comes from them (`reflow.mix_couplings`, `reflow.mix_fraction = 0.5`; the paper's ratio is not
+known). Both are scored with `fd_digits` at 1, 2 and 4 Euler steps and with Heun on EDM's rho = 7
+time grid (`heun@4:edm`, 8 NFE). The high-pass loss and projected pairs are not implemented
+(their computation is not known).
 Arguments: `runlocal`, and `digits_reflow.py`'s `nf=`, `pairs=`, `steps=`.
 """
 
@@ -34,9 +35,12 @@ def get_config(arg=None):
     recipe.teacher.model.dropout = 0.1
     reflow = recipe.reflow
     reflow.model.dropout = 0.1
+    forward = table.for_method(recipe.couplings, 'generate')
+    forward.generate.direction = 'forward'  # real digits -> noise by the teacher
     simple = simple_reflow_options(table.for_method(reflow, 'reflow'))
+    simple.reflow.update(mix_couplings='forward_pairs', mix_fraction=0.5)
     evaluate = recipe.evaluate
     evaluate.eval.models = ('teacher', 'reflow', 'simple')
     evaluate.eval.samplers = ('euler@1', 'euler@2', 'euler@4', 'heun@4:edm')
-    return configs.pipeline(teacher=recipe.teacher, couplings=recipe.couplings, reflow=reflow, simple=simple,
-                            evaluate=evaluate)
+    return configs.pipeline(teacher=recipe.teacher, couplings=recipe.couplings, forward_pairs=forward, reflow=reflow,
+                            simple=simple, evaluate=evaluate)

@@ -57,7 +57,7 @@ def test_simple_reflow_digits_runlocal(digits_teacher, tmp_path):
     config = experiment_config('simple_reflow_digits', 'runlocal')
     assert (config.teacher.model.dropout, config.simple.model.dropout) == (0.1, 0.0)
     config.teacher.checkpoint = digits_teacher  # a teacher of dropout 0: the students start from it all the same
-    config.stages = ('teacher', 'couplings', 'simple', 'evaluate')
+    config.stages = ('teacher', 'couplings', 'forward_pairs', 'simple', 'evaluate')
     config.evaluate.eval.models = ('teacher', 'simple')
     pipeline.run(config, str(tmp_path))
     report = json.loads((tmp_path / 'report.json').read_text())
@@ -65,6 +65,8 @@ def test_simple_reflow_digits_runlocal(digits_teacher, tmp_path):
     logged = _logged(tmp_path / 'simple')
     assert all(m['loss'] == pytest.approx(1.0) for m in logged)  # L / stopgrad(L) per sample
     assert all(m['loss_unweighted'] > 0 for m in logged)
+    forward = json.loads((tmp_path / 'forward_pairs' / 'manifest.json').read_text())
+    assert forward['direction'] == 'forward' and forward['num_pairs'] == config.couplings.generate.num_pairs
 
 
 def test_reflow_options_ablation_runlocal(tmp_path):
@@ -74,7 +76,7 @@ def test_reflow_options_ablation_runlocal(tmp_path):
         config[stage].train.steps = 8
     pipeline.run(config, str(tmp_path))
     report = json.loads((tmp_path / 'report.json').read_text())
-    arms = ('reflow', 'u_shaped', 'pseudo_huber', 'normalized', 'exp10')
+    arms = ('reflow', 'u_shaped', 'pseudo_huber', 'normalized', 'exp10', 'forward_backward')
     assert set(report['groups']) == set(arms)
     for arm in arms[1:]:
         diff = report['differences'][f'{arm} - reflow']
