@@ -197,16 +197,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
 
 
-def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The Groups table: a row per group, 'mean ± std' per sampler metric and per scalar."""
+def _stats_columns(rows: Mapping[str, Mapping[str, Any]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (sampler key, metric) columns and the scalar columns holding statistics in any row,
+    in first-seen order with the one-step sampler first."""
     columns, scalars = [], []
-    for stats in groups.values():
+    for stats in rows.values():
         for k, v in stats.items():
             if _is_stats(v):
                 scalars += [k] if k not in scalars else []
             elif isinstance(v, Mapping):
                 columns += [(k, m) for m, s in v.items() if _is_stats(s) and (k, m) not in columns]
     columns.sort(key=lambda c: c[0] != ONE_STEP)
+    return columns, scalars
+
+
+def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The Groups table: a row per group, 'mean ± std' per sampler metric and per scalar."""
+    columns, scalars = _stats_columns(groups)
     with_params = any('params' in stats for stats in groups.values())
     header = ['group', 'n', *(['params'] if with_params else []), *(f'{k} {m}' for k, m in columns), *scalars]
     rows = [[name, str(len(stats['models'])), *([format_count(stats.get('params'))] if with_params else []),
@@ -218,14 +225,7 @@ def _groups_markdown(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _differences_markdown(differences: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The Paired differences table: a row per difference, 'mean ± std (t)' per score."""
-    columns, scalars = [], []
-    for stats in differences.values():
-        for k, v in stats.items():
-            if _is_stats(v):
-                scalars += [k] if k not in scalars else []
-            elif isinstance(v, Mapping):
-                columns += [(k, m) for m in v if (k, m) not in columns]
-    columns.sort(key=lambda c: c[0] != ONE_STEP)
+    columns, scalars = _stats_columns(differences)
 
     def cell(stats):
         text = _mean_std(stats)
