@@ -140,7 +140,8 @@ def test_guided_loss_matches_the_formula_and_its_stop_gradients(distance):
     assert t.min() >= 0.2 and t.max() <= 0.8
 
     # guidance 0: plain one-step distillation, D(x0 + v(x0, eps), x1)
-    plain, _ = slimflow_distill.guided_loss_fn(params, batch, rng, ctx.replace(options=slimflow_distill.Options(guidance=0.0, t_range=t_range)))
+    unguided = ctx.replace(options=slimflow_distill.Options(guidance=0.0, t_range=t_range))
+    plain, _ = slimflow_distill.guided_loss_fn(params, batch, rng, unguided)
     np.testing.assert_allclose(plain, jnp.mean(d(batch['x0'] + ctx.apply(params, batch['x0'], eps), batch['x1'],
                                                  None)), rtol=1e-6)
 
