@@ -25,16 +25,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_dict
 
 from flowjax import checkpoint, errors, preemption, sharding, writers
 from flowjax.data import couplings, datasets, toy2d
 from flowjax.flows import solvers
 from flowjax.methods import method
 from flowjax.models import kinds
+
 
 def defaults() -> ml_collections.ConfigDict:
     """`config.generate`: a teacher's couplings, written as shards + manifest in the workdir."""

@@ -2,7 +2,6 @@
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,6 @@ import numpy as np
 
 from flowjax.flows import solvers
 
-Apply = Callable[..., jax.Array]
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -35,13 +33,3 @@ def straightness(velocity: Velocity, x0: np.ndarray, *, steps: int = 100,
     xs, vs = path(jnp.asarray(x0, jnp.float32))
     return path_straightness(xs, vs, 1.0 - eps)
 
-
-@functools.cache
-def model_path(apply: Apply, steps: int, eps: float) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
-    """Jitted `fn(params, x) -> (xs, vs)`: the Euler path from eps to 1, params traced."""
-
-    @jax.jit
-    def fn(params, x):
-        return solvers.trajectory(functools.partial(apply, params), x, steps=steps, t0=eps, t1=1.0)
-
-    return fn

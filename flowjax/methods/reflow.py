@@ -1,5 +1,6 @@
 """Reflow (k-RF): the rectified-flow loss on a teacher's couplings, stored or solved per batch."""
 
+import dataclasses
 import functools
 import math
 
@@ -29,7 +30,7 @@ def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
     """Pairs made on the fly: fresh noise x0, x1 = teacher ODE solve of x0 (no gradient)."""
     x0, label = batch['x0'], ctx.label(batch)
     velocity = functools.partial(_teacher_velocity, ctx, label)
-    x1, _ = solvers.sample(velocity, x0, ctx.options, eps=ctx.t_eps)  # options: the Sampler
+    x1, _ = solvers.sample(velocity, x0, ctx.options.online, eps=ctx.t_eps)
     pairs = {'x0': x0, 'x1': jax.lax.stop_gradient(x1)}
     return rf.loss_fn(params, pairs if label is None else {**pairs, 'label': label}, rng, ctx)
 
@@ -62,8 +63,14 @@ def mix_rows(config: ml_collections.ConfigDict) -> int:
     return rows
 
 
-def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
-    """Static checks; returns the online sampler when pairs are solved per batch."""
+@dataclasses.dataclass(frozen=True)
+class Options:
+    online: solvers.Sampler | None  # the sampler of pairs solved per batch; None: stored pairs
+    mix_rows: int  # pairs of every batch from reflow.mix_couplings (`mix_rows`)
+
+
+def check(config: ml_collections.ConfigDict) -> Options:
+    """Static checks; returns the online sampler (pairs solved per batch) and the mixed rows."""
     training.check_training(config)
     cfg = config.reflow
     mixed = mix_rows(config)
@@ -79,32 +86,30 @@ def check(config: ml_collections.ConfigDict) -> solvers.Sampler | None:
             raise errors.ConfigError(f'reflow.online_sampler: {e}') from None
         if sampler.name == 'rk45':
             raise errors.ConfigError('reflow.online_sampler: online pairs need a fixed-step sampler (e.g. euler@32)')
-        return sampler
+        return Options(online=sampler, mix_rows=0)
     if not cfg.couplings:
         raise errors.ConfigError('reflow.couplings: a coupling store directory (or stage name) is required')
-    return None
+    return Options(online=None, mix_rows=mixed)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.model` on couplings, starting from `reflow.init` (an export) or fresh."""
-    sampler = check(config)
+    options = check(config)
     cfg = config.reflow
     init = training.load_model(cfg.init, 'reflow.init', config).params if cfg.init else None
-    if sampler is not None:
+    if options.online is not None:
         teacher = training.load_model(cfg.online_teacher, 'reflow.online_teacher')
 
         def noise(mesh):
             return datasets.make_noise_batches(config, mesh, config.train.batch_size, config.seed)
 
         return training.fit(config, workdir, METHOD, loss_fn=online_loss_fn, batches=noise, init_params=init,
-                            options=sampler, teacher=teacher)
-
-    mixed = mix_rows(config)
+                            options=options, teacher=teacher)
 
     def batches(mesh):
         expect = {'shape': list(datasets.sample_shape(config))}
-        if mixed:
-            return couplings.make_mixed_batches(cfg.couplings, cfg.mix_couplings, mixed, mesh,
+        if options.mix_rows:
+            return couplings.make_mixed_batches(cfg.couplings, cfg.mix_couplings, options.mix_rows, mesh,
                                                 config.train.batch_size, config.seed, expect=expect)
         return couplings.make_batches(cfg.couplings, mesh, config.train.batch_size, config.seed, expect=expect)
 

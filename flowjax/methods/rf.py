@@ -4,9 +4,9 @@ velocity x1 - x0 (docs/methods.md, Rectified flow (1-RF))."""
 import jax
 import ml_collections
 
-from flowjax.methods import method, training
 from flowjax.data import datasets
 from flowjax.flows import paths
+from flowjax.methods import method, training
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
