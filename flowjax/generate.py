@@ -192,6 +192,9 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         meta['model'] = {**meta['model'], 'dtype': cfg.model_dtype}
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
     kind = kinds.from_meta(meta, 'generate.teacher')
+    if not kind.supports(sampler):
+        raise errors.ConfigError(f'generate.sampler={cfg.sampler!r}: does not apply to the teacher {teacher}, a model '
+                                 f'of kind {kind.name!r}')
     classes = kind.num_classes
     if classes and endpoints.read is not None:
         _check_labels(config, classes)

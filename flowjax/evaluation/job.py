@@ -105,8 +105,13 @@ class Flow:
         return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self._label(chunk))
 
     def path(self, steps: int, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-        """(xs, vs): the Euler path from eps to 1 in `steps` steps and its step velocities."""
+        """(xs, vs): the kind's Euler path from its start to 1 in `steps` steps and its step velocities."""
         return _kind_path(self.kind, steps, self.eps)(self.params, x0, self._label(chunk))
+
+    @property
+    def duration(self) -> float:
+        """The length of the time interval the kind's solves cover (1 - eps for a velocity field)."""
+        return 1.0 - self.kind.start(self.eps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -126,8 +131,7 @@ def _kind_path(kind: kinds.Kind, steps: int, eps: float):
 
     @jax.jit
     def fn(params, x0, label):
-        velocity = kind.velocity(params, None if label is None else label[:len(x0)])
-        return solvers.trajectory(velocity, x0, steps=steps, t0=eps, t1=1.0)
+        return kind.path(params, x0, steps, eps=eps, label=None if label is None else label[:len(x0)])
 
     return fn
 
@@ -148,7 +152,7 @@ def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | Non
     """{'straightness', 'straightness_norm'} of the model's Euler paths from the first chunk's starts."""
     x0, _ = next(iter(suite.starts()))
     xs, vs = flow.path(steps, x0[:suite.straightness_rows], 0)
-    values = straightness.path_straightness(sharding.to_host(xs), sharding.to_host(vs), 1.0 - flow.eps)
+    values = straightness.path_straightness(sharding.to_host(xs), sharding.to_host(vs), flow.duration)
     if suite.diverged_straightness_as_null:
         return {k: report.finite_or_none(v) for k, v in values.items()}
     return values
@@ -166,7 +170,11 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
     for name, model in models.items():
         flow = Flow(model, suite.labels, eps)
         entry, shown = {'params': parameter_count(flow.params)}, {}
-        for sampler in samplers:
+        applicable = [s for s in samplers if flow.kind.supports(s)]
+        if not applicable:
+            raise errors.UserError(f"evaluate {name}: none of eval.samplers ({', '.join(s.key for s in samplers)}) "
+                                   f'applies to a model of kind {flow.kind.name!r}')
+        for sampler in applicable:
             entry[sampler.key], shown[sampler.key] = _score_sampler(flow, sampler, suite)
             logging.info('evaluate %s %s: %s', name, sampler.key, entry[sampler.key])
         entry.update(_straightness(flow, suite, straightness_steps))

@@ -100,17 +100,36 @@ class Flow:
         """
         if self.is_default:
             return jnp.mean(losses.per_example_l2(v, target)), {}
-        if self.loss == 'l2':
-            return self._reduce(losses.per_example_l2(v, target), {})
-        if self.loss == 'pseudo_huber':
-            return self._reduce(losses.per_example_pseudo_huber(v, target, self.huber_c), {})
         x1_hat = x_t + paths.broadcast_time(1.0 - t, x_t) * v
+        return self.field_loss(v, target, t=t, x1=x1, x1_hat=x1_hat, perceptual=perceptual, huber_weight=t)
+
+    def field_loss(self, pred: jax.Array, target: jax.Array, *, t: jax.Array, x1: jax.Array, x1_hat: jax.Array,
+                   perceptual: Perceptual | None = None,
+                   huber_weight: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
+        """(scalar loss, metrics) of a predicted field (a velocity, CAF's acceleration) against its
+        target, with `x1_hat` the method's one-step estimate of the data x1 for the LPIPS losses:
+
+            l2            mean_dims (pred - target)^2
+            pseudo_huber  H(pred, target)
+            lpips_huber   w H(pred, target) + LPIPS(x1_hat, x1) [/ max(1 - t, lpips_t_min)]
+            lpips         LPIPS(x1_hat, x1) [/ max(1 - t, lpips_t_min)]
+
+        w = `huber_weight` per example (B,) or a number: rfpp's velocity loss weighs H by t
+        (`velocity_loss`), CAF's losses do not (w = 1). Normalisation and metrics as in `velocity_loss`.
+        """
+        if self.is_default:
+            return jnp.mean(losses.per_example_l2(pred, target)), {}
+        if self.loss == 'l2':
+            return self._reduce(losses.per_example_l2(pred, target), {})
+        if self.loss == 'pseudo_huber':
+            return self._reduce(losses.per_example_pseudo_huber(pred, target, self.huber_c), {})
         lpips = self._perceptual(perceptual)(x1_hat, x1)
         weighted = lpips if self.lpips_t_min is None else lpips / jnp.maximum(1.0 - t, self.lpips_t_min)
         if self.loss == 'lpips':
             return self._reduce(weighted, {})
-        huber = losses.per_example_pseudo_huber(v, target, self.huber_c)
-        return self._reduce(t * huber + weighted, {'loss_huber': jnp.mean(huber), 'loss_lpips': jnp.mean(lpips)})
+        huber = losses.per_example_pseudo_huber(pred, target, self.huber_c)
+        return self._reduce(huber_weight * huber + weighted,
+                            {'loss_huber': jnp.mean(huber), 'loss_lpips': jnp.mean(lpips)})
 
     def sample_loss(self, pred: jax.Array, target: jax.Array, *,
                     perceptual: Perceptual | None = None) -> tuple[jax.Array, dict]:

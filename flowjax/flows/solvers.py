@@ -1,4 +1,5 @@
-"""ODE solvers for rectified flows: fixed-step Euler/Heun/midpoint and rk45.
+"""ODE solvers for rectified flows: fixed-step Euler/Heun/midpoint, CAF's
+constant-acceleration update, and rk45.
 
 Convention: t = 0 is noise, t = 1 is data. A velocity is a callable
 `v(x, t)` with x of shape (B, ...) and t of shape (B,) float32. Sampling
@@ -31,7 +32,10 @@ midpoint velocity, is a new `FixedStepSolver` subclass: `init` evaluates
 and returns the first velocity (init_nfe = 1), `step` uses the cached
 velocity, makes its own calls (nfe_per_step = 1) and returns the velocity
 to cache; an entry in `FIXED_STEP` makes it reachable from specs.
-`RK45` is adaptive Dopri5. `Sampler` is the spec object that callers hold
+`ConstantAcceleration` ('caf@N') steps the field of a constant-acceleration
+model (`Accelerated`: dx/dt = v0 + t a(x, t), docs/methods.md, CAF) exactly
+while a is constant over a step; the other solvers integrate that field as
+any velocity. `RK45` is adaptive Dopri5. `Sampler` is the spec object that callers hold
 (`parse_sampler` makes it): it names a solver and delegates to it.
 
 Per-example times
@@ -85,7 +89,7 @@ Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Time = float | jax.Array  # a scalar, or per-example (B,)
 
-SOLVERS = ('euler', 'heun', 'midpoint', 'rk45')
+SOLVERS = ('euler', 'heun', 'midpoint', 'caf', 'rk45')
 _ALIASES = {'dopri5': 'rk45'}
 _GRID_SPECS = 'uniform, edm, edm=RHO'
 _EDM_RHO = 7.0
@@ -350,7 +354,38 @@ class Heun(FixedStepSolver):
         return (x + dx).astype(x.dtype), state
 
 
-FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint}
+class Accelerated:
+    """The field of a constant-acceleration model (CAF) along one solve: dx/dt = v0 + t a(x, t),
+    with v0 (B, ...) the initial velocity, fixed for the solve, and `acceleration(x, t)` the
+    acceleration network (docs/methods.md, CAF). Called as a velocity, so every solver integrates
+    it; `ConstantAcceleration` ('caf@N') uses v0 and a directly."""
+
+    def __init__(self, v0: jax.Array, acceleration: Velocity):
+        self.v0, self.acceleration = v0, acceleration
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        return self.v0 + _per_example(t, x) * self.acceleration(x, t)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantAcceleration(FixedStepSolver):
+    """CAF's update of an `Accelerated` field: x' = x + dt v0 + dt (t + dt / 2) a(x, t), the exact
+    step of dx/dt = v0 + t a while a is constant over it; forward (dt > 0) as CAF samples, backward
+    (dt < 0, a at the step's start t_{i+1}) as CAF inverts (docs/methods.md, CAF)."""
+    name: ClassVar[str] = 'caf'
+    nfe_per_step: ClassVar[int] = 1
+
+    def step(self, velocity, x, t, dt, state):
+        if not isinstance(velocity, Accelerated):
+            raise ValueError("sampler 'caf@N' steps a constant-acceleration model (kind 'caf'); a "
+                             'velocity field takes euler, heun, midpoint or rk45')
+        h = _per_example(dt, x)
+        a = _v(velocity.acceleration, x, t)
+        dx = h * velocity.v0 + h * (_per_example(t, x) + 0.5 * h) * a
+        return (x + dx).astype(x.dtype), state
+
+
+FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint, 'caf': ConstantAcceleration}
 
 
 # ------------------------------------------------------------------- rk45

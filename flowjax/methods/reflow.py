@@ -1,7 +1,6 @@
 """Reflow (k-RF): the rectified-flow loss on a teacher's couplings, stored or solved per batch."""
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -27,16 +26,11 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def online_loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
-    """Pairs made on the fly: fresh noise x0, x1 = teacher ODE solve of x0 (no gradient)."""
+    """Pairs made on the fly: fresh noise x0, x1 = the teacher's solve of x0 through its kind (no gradient)."""
     x0, label = batch['x0'], ctx.label(batch)
-    velocity = functools.partial(_teacher_velocity, ctx, label)
-    x1, _ = solvers.sample(velocity, x0, ctx.options.online, eps=ctx.t_eps)
+    x1, _ = ctx.teacher_kind.sample(ctx.teacher_params, x0, ctx.options.online, eps=ctx.t_eps, label=label)
     pairs = {'x0': x0, 'x1': jax.lax.stop_gradient(x1)}
     return rf.loss_fn(params, pairs if label is None else {**pairs, 'label': label}, rng, ctx)
-
-
-def _teacher_velocity(ctx: training.Context, label, x, t):
-    return ctx.teacher_apply(ctx.teacher_params, x, t, label=label)
 
 
 def mix_rows(config: ml_collections.ConfigDict) -> int:
@@ -99,6 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init = training.load_model(cfg.init, 'reflow.init', config).params if cfg.init else None
     if options.online is not None:
         teacher = training.load_model(cfg.online_teacher, 'reflow.online_teacher')
+        if not teacher.kind.supports(options.online):
+            raise errors.ConfigError(f'reflow.online_sampler={cfg.online_sampler!r}: does not apply to the teacher '
+                                     f'{cfg.online_teacher}, a model of kind {teacher.kind.name!r}')
 
         def noise(mesh):
             return datasets.make_noise_batches(config, mesh, config.train.batch_size, config.seed)

@@ -30,6 +30,9 @@ class Context:
     flow: objective.Flow = flax.struct.field(pytree_node=False, default=objective.Flow())  # config.flow
     conditional: bool = flax.struct.field(pytree_node=False, default=False)  # the model takes class labels
     options: Any = flax.struct.field(pytree_node=False, default=None)  # the method's check() result (frozen)
+    # The teacher: its kind (samples, inverts) and params; `teacher_apply` is its velocity network's
+    # `apply` when it is a velocity field (None otherwise).
+    teacher_kind: Any = flax.struct.field(pytree_node=False, default=None)
     teacher_apply: Callable[..., jax.Array] | None = flax.struct.field(pytree_node=False, default=None)
     teacher_params: Any = None
     # A learned distance (LPIPS): `perceptual(perceptual_params, x, y) -> (B,)`.
@@ -103,26 +106,31 @@ def _architecture(model: dict) -> dict:
 
 
 def load_model(path: str, field: str, config: ml_collections.ConfigDict | None = None) -> kinds.Model:
-    """The model (kind, params, meta) of an export; with `config`, its network must be config.model's
-    (up to TRAINING_ONLY_FIELDS such as dropout)."""
+    """The model (kind, params, meta) of an export; with `config` (a student starting from it), it
+    must be a velocity field whose network is config.model's (up to TRAINING_ONLY_FIELDS such as dropout)."""
     if not path:
         raise errors.ConfigError(f'{field}: an export directory (or pipeline stage name) is required')
     params, meta = checkpoint.load_export(path)
+    kind = kinds.from_meta(meta, field)
+    if config is not None and not isinstance(kind, kinds.VelocityField):
+        raise errors.ConfigError(f'{field}: {path} holds a model of kind {kind.name!r}; a student starts from a '
+                                 f'velocity field (kind {kinds.VelocityField.name!r})')
     if config is not None and _architecture(meta['model']) != _architecture(json.loads(config.model.to_json())):
         raise errors.ConfigError(
             f'{field}: the model exported in {path} ({meta["model"]}) differs from model ({config.model.to_json()})')
-    return kinds.Model(kinds.from_meta(meta, field), params, meta)
+    return kinds.Model(kind, params, meta)
 
 
 def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None,
-            teacher: kinds.Model | None = None) -> Context:
-    """The loss context of `config.model` and `config.flow` on `mesh`: the `teacher` model and LPIPS
-    (`config.lpips`, when the flow's loss uses it) placed on every device."""
-    kind = kinds.from_config(config)
+            teacher: kinds.Model | None = None, kind: Any = None) -> Context:
+    """The loss context of `config.model` (or the network of `kind`) and `config.flow` on `mesh`: the
+    `teacher` model and LPIPS (`config.lpips`, when the flow's loss uses it) placed on every device."""
+    kind = kinds.from_config(config) if kind is None else kind
     ctx = Context(apply=kind.apply, source=datasets.noise(config), flow=flow(config),
                   options=options, conditional=kind.num_classes > 0)
     if teacher is not None:
-        ctx = ctx.replace(teacher_apply=teacher.kind.apply,
+        velocity = isinstance(teacher.kind, kinds.VelocityField | kinds.VelocityFunction)
+        ctx = ctx.replace(teacher_kind=teacher.kind, teacher_apply=teacher.kind.apply if velocity else None,
                           teacher_params=jax.device_put(teacher.params, sharding.replicated(mesh)))
     if ctx.flow.uses_lpips:
         fn, variables = load_perceptual(config)

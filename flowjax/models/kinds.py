@@ -7,10 +7,15 @@ method trained a model, so any kind can be a teacher.
 
     velocity   one network v(x, t[, label]): rectified flow, reflow, distillation, SlimFlow
                students (the kind of every export written before kinds existed)
+    caf        constant acceleration flow: a velocity network v(x, t) and an acceleration
+               network a(x, t, v0) (docs/methods.md, CAF)
 
-A kind is a frozen, hashable dataclass (it keys jit caches). Later kinds add their own fields
-and updates behind the same interface: CAF a velocity and an acceleration network and its own
-N-step update, PeRFlow windowed sampling, a diffusion teacher its eps network read as a velocity.
+A kind is a frozen, hashable dataclass (it keys jit caches). Every kind has `sample`, `invert`,
+`reconstruct` (invert, then regenerate), `path` (the Euler path straightness is measured on),
+`start` (the time its solves start at), `supports(sampler)` and, for exports, `meta`; a kind
+with a velocity of (x, t) alone also has `velocity` and `apply`. Later kinds add their own
+fields and updates behind the same interface: PeRFlow windowed sampling, a diffusion teacher its
+eps network read as a velocity.
 """
 
 import dataclasses
@@ -51,6 +56,26 @@ class _VelocityKind:
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Data x1 -> noise: the ODE from t = 1 to eps; (x0, nfe)."""
         return solvers.invert(self.velocity(params, label), x1, sampler, eps=eps)
+
+    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data -> noise -> data with `sampler` both ways; (x1 regenerated, nfe of both solves)."""
+        z, nfe_in = self.invert(params, x1, sampler, eps=eps, label=label)
+        x, nfe_out = self.sample(params, z, sampler, eps=eps, label=label)
+        return x, nfe_in + nfe_out
+
+    def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
+             label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(xs, vs): the Euler path from `start(eps)` to 1 in `steps` steps and its step velocities."""
+        return solvers.trajectory(self.velocity(params, label), x0, steps=steps, t0=eps, t1=1.0)
+
+    def start(self, eps: float) -> float:
+        """The time sampling starts at (and inversion ends at): eps, the flow's smallest time."""
+        return eps
+
+    def supports(self, sampler: solvers.Sampler) -> bool:
+        """Whether `sampler` applies to this kind (caf@N steps constant-acceleration models only)."""
+        return sampler.name != 'caf'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +127,137 @@ class VelocityFunction(_VelocityKind):
     num_classes: int = 0
 
 
-KINDS = {VelocityField.name: VelocityField}  # kind name in meta.json -> class
-Kind = VelocityField | VelocityFunction
+@dataclasses.dataclass(frozen=True)
+class ConstantAcceleration:
+    """CAF (docs/methods.md, CAF): x_t = x0 + v0 t + a t^2 / 2 with a velocity network giving the
+    initial velocity v0 = v(x, t) and an acceleration network a(x, t, v0). Both networks have the
+    architecture `model` (sorted JSON) and read 2C channels, x beside a velocity, and give C
+    (`channels`); the velocity network's velocity slot is zeros, and so is the acceleration
+    network's when initial velocity conditioning (`ivc`) is off. `h` is the training's v0 = h (x1 - x0)
+    (recorded; sampling does not use it). Params are {'velocity': ..., 'acceleration': ...}.
+
+    Sampling starts at t = 0 whatever eps (CAF's interpolant and time grid include it):
+    v0 = v(x0, 0), then `sampler` solves dx/dt = v0 + t a(x, t, v0) (`solvers.Accelerated`) from
+    0 to 1; caf@N is CAF's N-step update (NFE N + 1), any other sampler integrates the same field.
+    Inversion takes v0 = v(x1, 1) from the data and solves from 1 to 0; `reconstruct` regenerates
+    with that same v0 (NFE 2N + 1 with caf@N).
+    """
+
+    name: ClassVar[str] = 'caf'
+    model: str
+    channels: int
+    h: float = 1.5
+    ivc: bool = True
+
+    @classmethod
+    def from_model_config(cls, config: ml_collections.ConfigDict | dict, *, channels: int, h: float = 1.5,
+                          ivc: bool = True) -> 'ConstantAcceleration':
+        data = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+        return cls(json.dumps(_jsonable(data), sort_keys=True), int(channels), float(h), bool(ivc))
+
+    @property
+    def model_config(self) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(json.loads(self.model))
+
+    @functools.cached_property
+    def module(self):
+        config = self.model_config
+        config.out_channels = self.channels
+        return models.build(config)
+
+    @property
+    def num_classes(self) -> int:
+        return models.num_classes(self.model_config)
+
+    @property
+    def apply(self) -> Callable[..., jax.Array]:
+        """One network's training call `apply(params, x2, t, dropout_rng=None, label=None)` on the
+        2C-channel input `inputs(x, v)`."""
+        return models.apply_fn(self.module)
+
+    @staticmethod
+    def inputs(x: jax.Array, v: jax.Array | None = None) -> jax.Array:
+        """A network's input: x beside the velocity v (zeros when None) along the channel axis."""
+        return jnp.concatenate([x, jnp.zeros_like(x) if v is None else v.astype(x.dtype)], axis=-1)
+
+    def network_init(self, key: jax.Array, sample_shape: tuple[int, ...]) -> Any:
+        """Fresh parameters of one network (either: they have the same shapes)."""
+        dummy = jnp.zeros((1, *sample_shape[:-1], 2 * sample_shape[-1]), jnp.float32)
+        label = (jnp.zeros((1,), jnp.int32),) if self.num_classes else ()
+        return self.module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
+
+    def init(self, key: jax.Array, sample_shape: tuple[int, ...]) -> Any:
+        """Fresh parameters of both networks."""
+        k_v, k_a = jax.random.split(key)
+        return {'velocity': self.network_init(k_v, sample_shape),
+                'acceleration': self.network_init(k_a, sample_shape)}
+
+    def initial_velocity(self, params: Any, x: jax.Array, t: jax.Array, *, dropout_rng: jax.Array | None = None,
+                         label: jax.Array | None = None) -> jax.Array:
+        """v(x, t) of the velocity network's `params` (one network's), t of shape (B,)."""
+        return self.apply(params, self.inputs(x), t, dropout_rng, label=label)
+
+    def acceleration(self, params: Any, x: jax.Array, t: jax.Array, v0: jax.Array, *,
+                     dropout_rng: jax.Array | None = None, label: jax.Array | None = None) -> jax.Array:
+        """a(x, t, v0) of the acceleration network's `params`; v0 enters only with `ivc`."""
+        return self.apply(params, self.inputs(x, v0 if self.ivc else None), t, dropout_rng, label=label)
+
+    def field(self, params: Any, v0: jax.Array, label: jax.Array | None = None) -> solvers.Accelerated:
+        """dx/dt = v0 + t a(x, t, v0) of these params (both networks')."""
+        accel = lambda x, t: self.acceleration(params['acceleration'], x, t, v0, label=label)
+        return solvers.Accelerated(v0, accel)
+
+    def _v0(self, params: Any, x: jax.Array, t: float, label: jax.Array | None) -> jax.Array:
+        return self.initial_velocity(params['velocity'], x, jnp.full((x.shape[0],), t, jnp.float32), label=label)
+
+    def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Noise x0 -> data from t = 0 (eps unused); (x1, nfe) with the v0 call counted."""
+        del eps
+        x1, nfe = solvers.solve(self.field(params, self._v0(params, x0, 0.0, label), label), x0, sampler,
+                                t0=0.0, t1=1.0)
+        return x1, nfe + 1
+
+    def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data x1 -> noise at t = 0 with v0 = v(x1, 1); (x0, nfe)."""
+        del eps
+        x0, nfe = solvers.solve(self.field(params, self._v0(params, x1, 1.0, label), label), x1, sampler,
+                                t0=1.0, t1=0.0)
+        return x0, nfe + 1
+
+    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data -> noise -> data, both solves with the v0 = v(x1, 1) of the data; NFE 2N + 1 with caf@N."""
+        del eps
+        field = self.field(params, self._v0(params, x1, 1.0, label), label)
+        z, nfe_in = solvers.solve(field, x1, sampler, t0=1.0, t1=0.0)
+        x, nfe_out = solvers.solve(field, z, sampler, t0=0.0, t1=1.0)
+        return x, nfe_in + nfe_out + 1
+
+    def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
+             label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(xs, vs): the Euler path of dx/dt = v0 + t a from 0 to 1 and its step velocities."""
+        del eps
+        return solvers.trajectory(self.field(params, self._v0(params, x0, 0.0, label), label), x0, steps=steps,
+                                  t0=0.0, t1=1.0)
+
+    def start(self, eps: float) -> float:
+        """CAF's solves start at t = 0."""
+        return 0.0
+
+    def supports(self, sampler: solvers.Sampler) -> bool:
+        """Every sampler: caf@N is CAF's own update, the others integrate its field."""
+        return True
+
+    def meta(self) -> dict:
+        """What an export's meta.json records of the kind."""
+        return {'kind': self.name, 'model': json.loads(self.model), 'channels': self.channels, 'h': self.h,
+                'ivc': self.ivc}
+
+
+KINDS = {VelocityField.name: VelocityField, ConstantAcceleration.name: ConstantAcceleration}  # meta 'kind' -> class
+Kind = VelocityField | VelocityFunction | ConstantAcceleration
 
 
 def _jsonable(data: dict) -> dict:
@@ -123,6 +277,9 @@ def from_meta(meta: dict, where: str = 'export') -> Kind:
     name = meta.get('kind', VelocityField.name)
     if name not in KINDS:
         raise errors.UserError(f"{where}: model kind {name!r} is unknown (expected one of {', '.join(KINDS)})")
+    if name == ConstantAcceleration.name:
+        return ConstantAcceleration.from_model_config(meta['model'], channels=meta['channels'], h=meta['h'],
+                                                      ivc=meta['ivc'])
     return KINDS[name].from_model_config(meta['model'])
 
 

@@ -15,6 +15,7 @@ class VelocityMLP(nn.Module):
     features: Sequence[int] = (256, 256, 256)
     time_dim: int = 64
     dropout: float = 0.0
+    out_channels: int | None = None  # output width; None: x's (CAF's networks read 2D, give D)
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
@@ -26,5 +27,5 @@ class VelocityMLP(nn.Module):
             h = nn.silu(h)
             if self.dropout > 0:
                 h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        out = nn.Dense(x.shape[-1], name='out', kernel_init=nn.initializers.zeros)(h)
+        out = nn.Dense(self.out_channels or x.shape[-1], name='out', kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)

@@ -153,6 +153,7 @@ class NCSNpp(nn.Module):
     num_classes: int = 0
     init_scale: float = 0.0
     dtype: str = 'float32'
+    out_channels: int | None = None  # output channels; None: x's (CAF's networks read 2C, give C)
 
     def _check(self) -> None:
         if self.fir:
@@ -240,5 +241,5 @@ class NCSNpp(nn.Module):
         assert not hs
 
         h = nn.silu(_norm(h.shape[-1], dtype, name='norm_out')(h))
-        h = _conv(x.shape[-1], 3, dtype, init_scale=self.init_scale, name='conv_out')(h)
+        h = _conv(self.out_channels or x.shape[-1], 3, dtype, init_scale=self.init_scale, name='conv_out')(h)
         return h.astype(jnp.float32)
