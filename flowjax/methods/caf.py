@@ -177,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init = None
     if config.caf.init:
         given = training.load_model(config.caf.init, 'caf.init', config).params
-        fresh = jax.eval_shape(kind.network_init, jax.random.key(0), shape)
+        fresh = jax.eval_shape(lambda key: kind.network_init(key, shape), jax.random.key(0))
         init = jax.device_put(widen(given, fresh), sharding.replicated(mesh))
     stage_config = _stage_config(config, options.velocity_steps)
     ctx = training.context(stage_config, mesh, options=options, kind=kind)
