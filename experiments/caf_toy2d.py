@@ -19,7 +19,7 @@ Arguments: `runlocal`, `data=` (gmm, moons), `h=` (CAF's h, 1.5), `ivc=` (True),
 """
 
 from flowjax import configs
-from flowjax.methods import table
+from flowjax.methods import caf
 
 DATA = {
     'gmm': {'source': {'name': 'gmm', 'modes': 4, 'radius': 2.0, 'std': 0.3},
@@ -27,14 +27,6 @@ DATA = {
     'moons': {'source': {'name': 'normal'}, 'target': {'name': 'moons'}},
 }
 SAMPLERS = ('euler@1', 'euler@2', 'euler@4', 'caf@1', 'caf@2', 'caf@4', 'rk45')
-
-
-def caf_stage(reflow, *, h: float, ivc: bool):
-    """The CAF stage of a recipe's reflow stage: the same data, model, couplings, init and step budget."""
-    c = table.for_method(reflow, 'caf')
-    c.caf.update(couplings=reflow.reflow.couplings, init=reflow.reflow.init, h=h, ivc=ivc)
-    c.flow.time = 'grid'  # t = k / 1000, k in {0, ..., 1000}
-    return c
 
 
 def get_config(arg=None):
@@ -49,7 +41,7 @@ def get_config(arg=None):
     stages['reflow'].seed = arg.seed
     if arg.steps:
         stages['reflow'].train.steps = arg.steps
-    stages['caf'] = caf_stage(stages['reflow'], h=arg.h, ivc=arg.ivc)
+    stages['caf'] = caf.like_reflow(stages['reflow'], h=arg.h, ivc=arg.ivc)
 
     evaluate = recipe.evaluate
     evaluate.data.source = DATA[arg.data]['source']

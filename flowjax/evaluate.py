@@ -45,9 +45,16 @@ def check(config: ml_collections.ConfigDict) -> None:
     groups = config.eval.get('groups') or {}
     for name, pair in (config.eval.get('differences') or {}).items():
         field = f'eval.differences.{name}'
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(g, str) for g in pair):
-            raise errors.ConfigError(f'{field}={pair!r}: expected (group_a, group_b), two groups of eval.groups')
-        for group in pair:
+        if not isinstance(pair, (tuple, list)) or len(pair) < 2 or not all(isinstance(g, str) for g in pair):
+            raise errors.ConfigError(f"{field}={pair!r}: expected (group_a, group_b[, 'key_a=key_b', ...]), two groups "
+                                     'of eval.groups and optional sampler column pairs')
+        samplers = [s.key for s in job.parse_samplers(config)]
+        for column in pair[2:]:
+            keys = column.split('=')
+            if len(keys) != 2 or not all(k in samplers for k in keys):
+                raise errors.ConfigError(f"{field}: column pair {column!r}: expected 'key_a=key_b' with both keys samplers "
+                                         f"of eval.samplers ({', '.join(samplers)})")
+        for group in pair[:2]:
             if group not in groups:
                 raise errors.ConfigError(f"{field}: {group!r} is not a group of eval.groups "
                                          f"({', '.join(groups) or 'none'})")

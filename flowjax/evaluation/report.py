@@ -168,25 +168,30 @@ def _paired(values: Sequence[float | None]) -> dict[str, Any]:
 
 def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[str]],
                        differences: Mapping[str, Sequence[str]]) -> dict[str, dict]:
-    """For each `name: (group_a, group_b)`: the differences a_i - b_i of every score the i-th models
-    of the two groups share (e.g. the same seed in two arms), summarised as mean / std / min / max /
-    n and the paired t statistic. Per difference: {'pairs': [[a_i, b_i], ...], sampler_key: {metric:
-    stats}, scalar: stats}; a pair where either score failed is left out and counted as 'failed'.
+    """For each `name: (group_a, group_b[, 'key_a=key_b', ...])`: the differences a_i - b_i of every
+    score the i-th models of the two groups share (e.g. the same seed in two arms), summarised as
+    mean / std / min / max / n and the paired t statistic. Column pairs 'key_a=key_b' compare a's
+    sampler cell key_a with b's key_b instead of equal keys (CAF's caf@1 with 2-RF's euler@1: the same
+    step count), stored under 'key_a - key_b'. Per difference: {'pairs': [[a_i, b_i], ...],
+    sampler_key: {metric: stats}, scalar: stats}; a pair where either score failed is left out and
+    counted as 'failed'.
     """
     out = {}
-    for name, (group_a, group_b) in differences.items():
+    for name, (group_a, group_b, *columns) in differences.items():
         pairs = list(zip(groups[group_a], groups[group_b]))
         entries = [(report[a], report[b]) for a, b in pairs]
         stats: dict[str, Any] = {'pairs': [list(p) for p in pairs]}
         first_a, first_b = entries[0]
+        cells = [tuple(c.split('=', 1)) for c in columns] or [(k, k) for k, v in first_a.items() if isinstance(v, Mapping)]
+        for key_a, key_b in cells:
+            if isinstance(first_a.get(key_a), Mapping) and isinstance(first_b.get(key_b), Mapping):
+                metrics = [m for m in first_a[key_a] if m != 'nfe' and all(
+                    m in ea.get(key_a, {}) and m in eb.get(key_b, {}) for ea, eb in entries)]
+                stats[key_a if key_a == key_b else f'{key_a} - {key_b}'] = {
+                    m: _paired([_difference(ea[key_a][m], eb[key_b][m]) for ea, eb in entries]) for m in metrics}
         for key, cell in first_a.items():
-            if isinstance(cell, Mapping) and isinstance(first_b.get(key), Mapping):
-                metrics = [m for m in cell if m != 'nfe' and all(m in ea.get(key, {}) and m in eb.get(key, {})
-                                                                  for ea, eb in entries)]
-                stats[key] = {m: _paired([_difference(ea[key][m], eb[key][m]) for ea, eb in entries])
-                              for m in metrics}
-            elif (not isinstance(cell, Mapping) and key != 'params' and not key.endswith('_data')
-                  and all(key in ea and key in eb for ea, eb in entries) and _is_score([cell])):
+            if (not isinstance(cell, Mapping) and key != 'params' and not key.endswith('_data')
+                    and all(key in ea and key in eb for ea, eb in entries) and _is_score([cell])):
                 stats[key] = _paired([_difference(ea[key], eb[key]) for ea, eb in entries])
         out[name] = stats
     return out

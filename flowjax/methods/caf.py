@@ -200,4 +200,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return evaluate.evaluate(config, workdir, {name: kinds.Model(kind, params)})
 
 
+def like_reflow(reflow: ml_collections.ConfigDict, *, h: float = 1.5, ivc: bool = True) -> ml_collections.ConfigDict:
+    """The CAF stage matching a reflow stage config: the same data, model, couplings, init (widened),
+    seed and step budget (train.steps, both networks counted), CAF's time grid k / 1000. Experiments
+    compare CAF with 2-RF this way."""
+    from flowjax.methods import table  # the table imports this module
+
+    c = table.for_method(reflow, 'caf')
+    c.caf.update(couplings=reflow.reflow.couplings, init=reflow.reflow.init, h=h, ivc=ivc)
+    c.flow.time = 'grid'
+    return c
+
+
 METHOD = method.Method(name='caf', run=run, check=check, section=defaults, references=('caf.couplings', 'caf.init'))
