@@ -88,6 +88,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     flow(config)
     check_lpips(config)
     evaluate.check_data(config)
+    if config.eval.get('preservation', 0):
+        raise errors.ConfigError(f'eval.preservation={config.eval.preservation}: only the evaluate method scores '
+                                 'coupling preservation (set it with eval.couplings in an evaluate stage)')
 
 
 # Model fields that change how a network trains, not its parameters: a student may differ from
