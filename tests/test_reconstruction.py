@@ -13,8 +13,8 @@ from conftest import experiment_config
 from flowjax import configs, errors, evaluate, sharding
 from flowjax.data import couplings
 from flowjax.evaluation import fidelity, job, report
-from flowjax.methods import method, rf
 from flowjax.flows import solvers
+from flowjax.methods import method, rf
 from flowjax.metrics import lpips
 from flowjax.models import kinds
 
