@@ -84,6 +84,12 @@ def base() -> ml_collections.ConfigDict:
     c.eval.inception_weights = config_dict.placeholder(str)
     c.eval.batch_size = 256
     c.eval.grid = 64
+    # Fidelity scores per sampler (docs/methods.md, Metrics), 0 / False: off. reconstruction: held-out real
+    # examples inverted and regenerated; preservation (method 'evaluate'): the first stored pairs of
+    # eval.couplings sampled from their x0; lpips: images also scored by LPIPS (the `lpips` section).
+    c.eval.reconstruction = 0
+    c.eval.preservation = 0
+    c.eval.lpips = False
     # method 'evaluate': exports to compare (stage names or 'label=path'), and a coupling store
     # whose pair count and NFE go into the report.
     c.eval.models = ()

@@ -10,7 +10,7 @@ import ml_collections
 from etils import epath
 
 from flowjax import checkpoint, errors
-from flowjax.evaluation import job, report
+from flowjax.evaluation import fidelity, job, report
 from flowjax.methods import method
 from flowjax.models import kinds
 
@@ -29,6 +29,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_data(config)
     if not config.eval.models:
         raise errors.ConfigError("eval.models: name at least one exported model ('label=path' or a stage)")
+    fidelity.check_store(config)
     labels = [model_entry(m)[0] for m in config.eval.models]
     known = ', '.join(labels)
     for group, members in (config.eval.get('groups') or {}).items():
@@ -76,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Each entry is an export path (or a pipeline stage name) or 'label=path'; the label
     defaults to the directory name. With `eval.couplings`, the coupling pass's pair count and
-    mean NFE are reported too; with `eval.groups`, each group's mean / std / min / max
+    mean NFE are reported too (and with `eval.preservation`, how well each model keeps its first
+    pairs, `fidelity`); with `eval.groups`, each group's mean / std / min / max
     (`report.group_statistics`); with `eval.differences`, the paired differences of two groups
     (`report.paired_differences`).
     """
@@ -107,6 +109,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 # Evaluation reads the data, the flow's t_eps and its own `eval` section (eval.models and
-# eval.couplings name earlier stages), not the model or training sections.
+# eval.couplings name earlier stages), not the model or training sections; `lpips` with eval.lpips.
 METHOD = method.Method(name='evaluate', run=run, check=check, references=('eval.models', 'eval.couplings'),
-                       reads=('data', 'flow', 'eval'), lpips=lambda config: False)
+                       reads=('data', 'flow', 'eval'), lpips=method.eval_uses_lpips)

@@ -98,6 +98,14 @@ CASES = [
                          '--config.data.image.data_dir={new}'], ["'cifar10'", 'not prepared', 'data.image.data_dir']),
     ('missing FID weights', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}', '--config.eval.metric=fid'],
      ['eval.inception_weights', 'Inception weights']),
+    ('reconstruction beyond the held-out sample', [TOY_RF, '--workdir={new}', '--config.eval.reconstruction=300'],
+     ['eval.reconstruction=300', 'more than the 256 points', 'eval.num_samples']),
+    ('preservation beyond the stored pairs', [TOY_PIPELINE, '--workdir={pipeline_copy}',
+                                              '--config.teacher.checkpoint={teacher_a}',
+                                              '--config.evaluate.eval.preservation=513'],
+     ['evaluate.eval.preservation=513', 'more pairs than the 512', 'eval.couplings=']),
+    ('LPIPS scores of toy data', [TOY_RF, '--workdir={new}', '--config.eval.lpips=True'],
+     ['eval.lpips=True', "data.kind='toy2d'"]),
 ]
 
 

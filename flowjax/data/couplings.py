@@ -172,6 +172,14 @@ class Store:
             self._arrays = {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
         return self._arrays
 
+    def head(self, count: int) -> dict[str, np.ndarray]:
+        """The first `count` pairs, as `load` gives them, reading only the shards that hold them."""
+        if self._arrays is not None:
+            return {name: value[:count] for name, value in self._arrays.items()}
+        shards = [read_shard(self.path, k, self.manifest)
+                  for k in range(max(1, num_shards(min(count, self.num_pairs), self.manifest['shard_size'])))]
+        return {name: np.concatenate([s[name] for s in shards])[:count] for name in shards[0]}
+
 
 def open_store(path: str | epath.Path, expect: dict | None = None) -> Store:
     """The store at `path`, refused with a one-line error unless complete and matching `expect`."""

@@ -5,13 +5,14 @@ For every model and sampler, `eval.num_samples` images are generated from a fixe
 shipped digits classifier for `fd_digits`) in batches sharded over all devices, and compared
 with the statistics of the real dataset, computed once and cached in the workdir. The report
 also holds the floor: the distance of `eval.num_samples` real images to the same statistics.
+Reconstructions and stored pairs (`fidelity`) are scored by PSNR and, with `eval.lpips`, LPIPS.
 """
 
 import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,11 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flowjax import errors, sharding
 from flowjax.data import datasets
-from flowjax.evaluation import frechet, report
+from flowjax.evaluation import fidelity, frechet, report
+from flowjax.methods import method
 
 _NOISE_SALT = 0xE7A1
 _LABEL_SALT = 0x1AB
 _FLOOR_SALT = 0xF100
+_HELD_OUT_SALT = 0x4E1D  # the real images eval.reconstruction regenerates
 
 
 def _load_fid(config: ml_collections.ConfigDict):
@@ -70,6 +73,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f'eval.grid={config.eval.grid}: must be >= 1')
     if not config.eval.samplers:
         return
+    count = config.eval.get('reconstruction', 0)
+    if count and count > (available := datasets.num_images(config)):
+        raise errors.ConfigError(f'eval.reconstruction={count}: more than the {available} images of data.image')
     mesh = sharding.data_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
     if config.eval.num_samples < 2:
@@ -182,6 +188,14 @@ class ImageSuite:
         self._key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_SALT)
         self._label_key = jax.random.fold_in(self._key, _LABEL_SALT)
         self._noise = _noise_fn(datasets.sample_shape(config), self._batch, NamedSharding(mesh, P('data')))
+        self._config, self._seed, self._sharding = config, config.seed, NamedSharding(mesh, P('data'))
+        self._lpips = self._lpips_variables = None
+        if method.eval_uses_lpips(config):
+            from flowjax.metrics import lpips
+
+            module, variables = lpips.from_config(config.lpips)
+            self._lpips = jax.jit(lpips.distance_fn(module))
+            self._lpips_variables = jax.device_put(variables, sharding.replicated(mesh))
         self.floor = {}
         if self.embed is not None:
             self._mu, self._sigma = reference_statistics(config, workdir, self.embed)
@@ -205,6 +219,31 @@ class ImageSuite:
             finite = all(np.isfinite(f).all() for f in measures)
             out[self.metric] = frechet.frechet_distance(
                 *frechet.statistics(np.concatenate(measures)), self._mu, self._sigma) if finite else None
+        return out
+
+    def held_out(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """`count` real images, as stored (never flipped), and their labels (None if the images have none):
+        rows perm[:count] of a permutation of data.image drawn from (seed, salt), the same for every model."""
+        rng = np.random.default_rng([self._seed, _HELD_OUT_SALT])
+        ids = rng.permutation(datasets.num_images(self._config))[:count]
+        return datasets.read_rows(self._config, ids, labels=True)
+
+    def chunks(self, rows: Sequence[np.ndarray]) -> Iterator[tuple[tuple[jax.Array, ...], int]]:
+        """Host rows in chunks of eval.batch_size sharded over all devices, as the starts are (the last
+        chunk padded by repeating its last row), and how many rows of each are real."""
+        count = len(rows[0])
+        for lo in range(0, count, self._batch):
+            valid = min(self._batch, count - lo)
+            parts = [np.pad(r[lo:lo + valid], [(0, self._batch - valid)] + [(0, 0)] * (r.ndim - 1), mode='edge')
+                     for r in rows]
+            yield tuple(jax.device_put(p, self._sharding) for p in parts), valid
+
+    def compare(self, x: jax.Array, target: jax.Array, valid: int) -> dict[str, np.ndarray]:
+        """{'psnr'[, 'lpips']}: per image of the first `valid` rows, PSNR and (with eval.lpips) LPIPS."""
+        out = {'psnr': fidelity.psnr(sharding.to_host(x)[:valid], sharding.to_host(target)[:valid])}
+        if self._lpips is not None:
+            distance = self._lpips(self._lpips_variables, x, target)
+            out['lpips'] = sharding.to_host(distance)[:valid].astype(np.float64)
         return out
 
     def shown(self, x1: jax.Array) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The evaluation job shared by every data kind: sample, score, straightness, report.
 
 Every model is sampled with every sampler of `eval.samplers` from the data kind's fixed starts
-(the same for every model) and scored by the kind's metric suite (`SUITES`); the job adds the
-straightness of its Euler paths, its parameter count and the suite's floor, merges the entries
-into the workdir's report and writes report.json, report.md and the suite's samples.png.
+(the same for every model) and scored by the kind's metric suite (`SUITES`); with
+`eval.reconstruction` / `eval.preservation` the same sampler also regenerates held-out data and
+samples a coupling store's first pairs (`fidelity`), scored by the suite against their targets. The
+job adds the straightness of its Euler paths, its parameter count and the suite's floor, merges the
+entries into the workdir's report and writes report.json, report.md and the suite's samples.png.
 """
 
 import functools
@@ -19,7 +21,7 @@ from etils import epath
 
 from flowjax import errors, sharding
 from flowjax.data import datasets
-from flowjax.evaluation import images, report, straightness, toy
+from flowjax.evaluation import fidelity, images, report, straightness, toy
 from flowjax.flows import solvers
 from flowjax.models import kinds
 
@@ -45,6 +47,15 @@ class Suite(Protocol):
 
     def score(self, measures: list, nfe: int) -> dict[str, Any]:
         """One sampler's report cell from every chunk's measure: {metric: value, 'nfe': nfe}."""
+
+    def held_out(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """`count` held-out real examples (float32) and their labels (None without), for eval.reconstruction."""
+
+    def chunks(self, rows: Sequence[np.ndarray]) -> Iterator[tuple[tuple[jax.Array, ...], int]]:
+        """Host arrays of equal length in chunks placed as the starts are: (the chunk of each, real rows)."""
+
+    def compare(self, x: jax.Array, target: jax.Array, valid: int) -> dict[str, np.ndarray]:
+        """{score: per-example values (float64)} of a chunk's outputs against its targets, first `valid` rows."""
 
     def shown(self, x1: jax.Array) -> np.ndarray:
         """The samples of the first chunk that the figure shows."""
@@ -76,6 +87,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     """Static checks of the data and evaluation fields a training method evaluates with."""
     datasets.check(config)
     parse_samplers(config)
+    fidelity.check(config)
     SUITES[config.data.kind].check(config)
 
 
@@ -104,6 +116,20 @@ class Flow:
         """(x1, nfe): the samples of chunk `chunk` from its starts x0."""
         return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self._label(chunk))
 
+    def labelled(self, label: jax.Array | None) -> jax.Array | None:
+        """Given labels (e.g. stored ones) for a class-conditional model, None for an unconditional one."""
+        return label if self._classes else None
+
+    def reconstruct(self, sampler: solvers.Sampler, x1: jax.Array,
+                    label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """(x1 regenerated, nfe): data inverted to noise and sampled back, through the kind."""
+        return _kind_reconstructor(self.kind, sampler, self.eps)(self.params, x1, self.labelled(label))
+
+    def sample_from(self, sampler: solvers.Sampler, x0: jax.Array,
+                    label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """(x1, nfe): samples from given starts (e.g. stored x0) with given labels."""
+        return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self.labelled(label))
+
     def path(self, steps: int, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
         """(xs, vs): the kind's Euler path from its start to 1 in `steps` steps and its step velocities."""
         return _kind_path(self.kind, steps, self.eps)(self.params, x0, self._label(chunk))
@@ -126,6 +152,17 @@ def _kind_sampler(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
 
 
 @functools.lru_cache(maxsize=64)
+def _kind_reconstructor(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
+    """Jitted `(params, x1, labels) -> (x1 regenerated, nfe)` of a kind (`kind.reconstruct`)."""
+
+    @jax.jit
+    def fn(params, x1, label):
+        return kind.reconstruct(params, x1, sampler, eps=eps, label=label)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=64)
 def _kind_path(kind: kinds.Kind, steps: int, eps: float):
     """Jitted `(params, x0, labels) -> (xs, vs)`: the kind's Euler path from eps to 1."""
 
@@ -134,6 +171,10 @@ def _kind_path(kind: kinds.Kind, steps: int, eps: float):
         return kind.path(params, x0, steps, eps=eps, label=None if label is None else label[:len(x0)])
 
     return fn
+
+
+def _mean_nfe(nfes: Sequence[int]) -> int:
+    return int(round(float(np.mean(nfes))))
 
 
 def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[dict[str, Any], np.ndarray]:
@@ -145,7 +186,42 @@ def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[
         shown = suite.shown(x1) if shown is None else shown
         measures.append(suite.measure(x1))
         nfes.append(int(nfe))
-    return suite.score(measures, int(round(float(np.mean(nfes))))), shown
+    return suite.score(measures, _mean_nfe(nfes)), shown
+
+
+def _task_labels(flow: Flow, task: fidelity.Task, name: str) -> np.ndarray | None:
+    """The task's labels if the model is class-conditional (checked against its classes), else None."""
+    classes = flow.kind.num_classes
+    if not classes:
+        return None
+    if task.labels is None:
+        raise errors.UserError(f'evaluate {name}: eval.{task.name} of a class-conditional model '
+                               f'(num_classes={classes}) needs labels, and {task.source} has none')
+    if len(task.labels) and (task.labels.min() < 0 or task.labels.max() >= classes):
+        raise errors.UserError(f'evaluate {name}: {task.source} has labels outside 0..{classes - 1} '
+                               f'(the model has num_classes={classes})')
+    return task.labels
+
+
+def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequence[fidelity.Task],
+                 name: str) -> dict[str, Any]:
+    """{'<task>_<score>': mean over the task's examples, '<task>_nfe'} of one model and sampler
+    (docs/methods.md, Metrics): reconstruction through `kind.reconstruct`, preservation through `kind.sample`."""
+    cell = {}
+    for task in tasks:
+        labels = _task_labels(flow, task, name)
+        rows = [task.inputs, task.targets] + ([] if labels is None else [labels])
+        scores, nfes = {}, []
+        for (x, target, *label), valid in suite.chunks(rows):
+            run = flow.reconstruct if task.round_trip else flow.sample_from
+            out, nfe = run(sampler, x, label[0] if label else None)
+            for score, values in suite.compare(out, target, valid).items():
+                scores.setdefault(score, []).append(values)
+            nfes.append(int(nfe))
+        for score, values in scores.items():
+            cell[f'{task.name}_{score}'] = report.finite_or_none(float(np.mean(np.concatenate(values))))
+        cell[f'{task.name}_nfe'] = _mean_nfe(nfes)
+    return cell
 
 
 def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | None]:
@@ -159,12 +235,14 @@ def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | Non
 
 
 def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[solvers.Sampler], *,
-                 workdir: epath.Path, eps: float, straightness_steps: int, title: str) -> dict:
+                 workdir: epath.Path, eps: float, straightness_steps: int, title: str,
+                 tasks: Sequence[fidelity.Task] = ()) -> dict:
     """Samples and scores every model with every sampler; merges into the workdir's report.
 
     Entry per model: {'params': count, sampler_key: {metric: value, 'nfe': n}, 'straightness',
-    'straightness_norm', and the suite's floor}. Writes report.json, report.md and samples.png
-    (process 0) and returns the merged report.
+    'straightness_norm', and the suite's floor}; each of `tasks` (reconstruction, preservation)
+    adds its '<task>_<score>' and '<task>_nfe' to every sampler's cell. Writes report.json,
+    report.md and samples.png (process 0) and returns the merged report.
     """
     results, panels = {}, {}
     for name, model in models.items():
@@ -176,6 +254,7 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
                                    f'applies to a model of kind {flow.kind.name!r}')
         for sampler in applicable:
             entry[sampler.key], shown[sampler.key] = _score_sampler(flow, sampler, suite)
+            entry[sampler.key].update(_score_tasks(flow, sampler, suite, tasks, name))
             logging.info('evaluate %s %s: %s', name, sampler.key, entry[sampler.key])
         entry.update(_straightness(flow, suite, straightness_steps))
         entry.update(suite.floor)
@@ -201,7 +280,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, model
     suite = suite_type.prepare(config, workdir)
     return score_models(models, suite, samplers, workdir=workdir, eps=config.flow.t_eps,
                         straightness_steps=config.eval.straightness_steps,
-                        title=f'{config.method} on {datasets.describe(config)}')
+                        title=f'{config.method} on {datasets.describe(config)}',
+                        tasks=fidelity.tasks(config, suite.held_out))
 
 
 def evaluate_models(models: Mapping[str, Model], *, source: np.ndarray, data: np.ndarray, data_b: np.ndarray,

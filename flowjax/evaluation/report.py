@@ -2,6 +2,8 @@
 
 Every data kind writes the same report: `{model: {'params': n, sampler_key: {metric: value, 'nfe': n},
 'straightness': ..., '<metric>_data': floor}}`, plus the info sections `couplings` and `groups`.
+A sampler's cell may also hold reconstruction / preservation scores, `<task>_<score>` with the
+task's own NFE `<task>_nfe` (evaluation/fidelity.py).
 Also the PNG writer every figure of the report goes through.
 """
 
@@ -29,9 +31,45 @@ LEGEND = (
     'shipped digits classifier): Frechet distance of the samples to the statistics of the whole '
     'dataset; fid_data / fd_digits_data: the same for as many real images (the floor). '
     'Lower is better everywhere.')
+# What the legend adds when a report holds reconstruction or preservation scores (docs/methods.md, Metrics).
+FIDELITY_LEGEND = (
+    'reconstruction_*: held-out real data (toy data: the first eval.reconstruction points of the held-out '
+    'sample; images: eval.reconstruction dataset images, a fixed seeded subset) inverted to noise and '
+    'regenerated with the same sampler through the model kind, compared with the input, (n): the round '
+    "trip's NFE (reconstruction_nfe); preservation_*: the first eval.preservation pairs (x0, x1) of the "
+    'coupling store eval.couplings sampled from x0 and compared with the stored x1, (n): preservation_nfe; '
+    'mse: mean over examples of the mean squared error over dimensions; psnr: mean over images of '
+    '10 log10(1 / MSE) in dB, images mapped from [-1, 1] to [0, 1]; lpips: mean LPIPS (VGG16, the lpips section).')
+FIDELITY_TASKS = ('reconstruction', 'preservation')
+HIGHER_IS_BETTER = ('psnr',)  # scores (the last part of a metric's name) where higher is better
 # Report entries that describe the run rather than a model.
 INFO_SECTIONS = ('couplings', 'groups', 'differences')
 ONE_STEP = 'euler@1'  # the first column of the tables, next to the parameter count
+
+
+def is_nfe(metric: str) -> bool:
+    """Whether a cell entry is an NFE ('nfe', or a task's '<task>_nfe'): reported, not a score."""
+    return metric == 'nfe' or metric.endswith('_nfe')
+
+
+def nfe_key(metric: str, cell: Mapping[str, Any]) -> str:
+    """The cell's NFE entry that goes with `metric`: '<task>_nfe' for a task's score, else 'nfe'."""
+    task = metric.partition('_')[0]
+    return f'{task}_nfe' if task in FIDELITY_TASKS and f'{task}_nfe' in cell else 'nfe'
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.rpartition('_')[2] in HIGHER_IS_BETTER
+
+
+def _legend(metrics: Sequence[str]) -> str:
+    """LEGEND, with the fidelity scores and their directions when the report has any."""
+    if not any(m.partition('_')[0] in FIDELITY_TASKS for m in metrics):
+        return LEGEND
+    higher = sorted({m.rpartition('_')[2] for m in metrics if higher_is_better(m)})
+    direction = (f"Lower is better everywhere except {', '.join(higher)} (higher is better)." if higher
+                 else 'Lower is better everywhere.')
+    return f"{LEGEND.removesuffix('Lower is better everywhere.')}{FIDELITY_LEGEND} {direction}"
 
 
 def finite_or_none(value: float) -> float | None:
@@ -65,8 +103,8 @@ def group_statistics(report: Mapping[str, Any], groups: Mapping[str, Sequence[st
     """Mean / std / min / max / n of each group's member scores in `report`.
 
     Per group: {'models': [...], 'params' (if all members agree), sampler_key: {metric: stats,
-    'nfe' (if all agree)}, scalar: stats} for every numeric metric the members have ('nfe',
-    'params' and the `*_data` floors are not averaged). std is the sample standard deviation
+    'nfe' and '<task>_nfe' (if all agree)}, scalar: stats} for every numeric metric the members
+    have (NFEs, 'params' and the `*_data` floors are not averaged). std is the sample standard deviation
     (ddof=1, 0 for n = 1); None (failed) scores are left out and counted as 'failed'; a member
     without a metric is left out.
     """
@@ -85,9 +123,9 @@ def group_statistics(report: Mapping[str, Any], groups: Mapping[str, Sequence[st
             stats[key] = {}
             for metric in dict.fromkeys(name for s in scores for name in s):
                 values = [s[metric] for s in scores if metric in s]
-                if metric == 'nfe':
+                if is_nfe(metric):
                     nfe = _common(values)
-                    stats[key].update({} if nfe is None else {'nfe': nfe})
+                    stats[key].update({} if nfe is None else {metric: nfe})
                 elif _is_score(values):
                     stats[key][metric] = _statistics(values)
         scalars = dict.fromkeys(k for m in members for k, v in m.items()
@@ -185,7 +223,7 @@ def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[
         cells = [tuple(c.split('=', 1)) for c in columns] or [(k, k) for k, v in first_a.items() if isinstance(v, Mapping)]
         for key_a, key_b in cells:
             if isinstance(first_a.get(key_a), Mapping) and isinstance(first_b.get(key_b), Mapping):
-                metrics = [m for m in first_a[key_a] if m != 'nfe' and all(
+                metrics = [m for m in first_a[key_a] if not is_nfe(m) and all(
                     m in ea.get(key_a, {}) and m in eb.get(key_b, {}) for ea, eb in entries)]
                 stats[key_a if key_a == key_b else f'{key_a} - {key_b}'] = {
                     m: _paired([_difference(ea[key_a][m], eb[key_b][m]) for ea, eb in entries]) for m in metrics}
@@ -255,20 +293,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         for k, v in entry.items():
             if isinstance(v, dict):
                 keys += [k] if k not in keys else []
-                metrics += [m for m in v if m != 'nfe' and m not in metrics]
+                metrics += [m for m in v if not is_nfe(m) and m not in metrics]
             elif k not in scalars and k != 'params':
                 scalars.append(k)
     keys.sort(key=lambda k: k != ONE_STEP)
     with_params = any('params' in entry for entry in report.values())
     params = ['params'] if with_params else []
-    lines = ['# Evaluation report', '', LEGEND, '']
+    lines = ['# Evaluation report', '', _legend(metrics), '']
     for metric in metrics:
         rows = []
         for name, entry in report.items():
-            cells = [f'{format_value(entry[k].get(metric))} ({entry[k]["nfe"]})' if k in entry else '-'
-                     for k in keys]
+            cells = [f'{format_value(entry[k].get(metric))} ({entry[k][nfe_key(metric, entry[k])]})'
+                     if k in entry else '-' for k in keys]
             rows.append([name] + ([format_count(entry.get('params'))] if with_params else []) + cells)
-        lines += [f'## {metric}', ''] + _table(['model'] + params + keys, rows) + ['']
+        heading = f'## {metric} (higher is better)' if higher_is_better(metric) else f'## {metric}'
+        lines += [heading, ''] + _table(['model'] + params + keys, rows) + ['']
     rows = [[name] + [format_value(entry.get(k)) for k in scalars] for name, entry in report.items()]
     lines += ['## straightness and baselines', ''] + _table(['model', *scalars], rows) + ['']
     for name, entry in info.items():

@@ -2,11 +2,12 @@
 
 The metrics are the exact 2-Wasserstein distance and the energy distance to a held-out sample of
 the target; their floor is the same distances between two held-out samples. Every model starts
-from one fixed source batch, sampled in one chunk.
+from one fixed source batch, sampled in one chunk. Reconstructions (of the held-out sample's
+first points) and stored pairs (`fidelity`) are scored by the mean squared error.
 """
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from scipy import spatial
 
 from flowjax import errors, sharding
 from flowjax.data import toy2d
-from flowjax.evaluation import report
+from flowjax.evaluation import fidelity, report
 
 _EMD_MAX_ITERS = 100_000_000  # Network-simplex pivots; only a cap (POT's default 1e5 can stop short).
 _HELD_OUT_SALT = 0xE7A1
@@ -72,7 +73,11 @@ class PointCloudSuite:
 
     @staticmethod
     def check(config: ml_collections.ConfigDict) -> None:
-        del config  # `job.check_data` checks everything a toy evaluation reads
+        """eval.reconstruction takes points of the held-out sample (`job.check_data` checks the rest)."""
+        count, available = config.eval.get('reconstruction', 0), config.eval.num_samples
+        if config.eval.samplers and count > available:
+            raise errors.ConfigError(f'eval.reconstruction={count}: more than the {available} points of the '
+                                     'held-out sample (eval.num_samples)')
 
     @classmethod
     def prepare(cls, config: ml_collections.ConfigDict, workdir: epath.Path) -> 'PointCloudSuite':
@@ -102,6 +107,18 @@ class PointCloudSuite:
             return {'w2': None, 'energy': None, 'nfe': nfe}
         return {'w2': report.finite_or_none(w2(x1, self.data)),
                 'energy': report.finite_or_none(energy_distance(x1, self.data)), 'nfe': nfe}
+
+    def held_out(self, count: int) -> tuple[np.ndarray, None]:
+        """The first `count` points of the held-out data sample (the one w2 and energy compare with); no labels."""
+        return self.data[:count].astype(np.float32), None
+
+    def chunks(self, rows: Sequence[np.ndarray]) -> Iterator[tuple[tuple[jax.Array, ...], int]]:
+        """Host rows in one chunk, placed as the starts are."""
+        yield tuple(jnp.asarray(r) for r in rows), len(rows[0])
+
+    def compare(self, x: jax.Array, target: jax.Array, valid: int) -> dict[str, np.ndarray]:
+        """{'mse'}: per example, the mean over dimensions of the squared error of its first `valid` rows."""
+        return {'mse': fidelity.mse(sharding.to_host(x)[:valid], sharding.to_host(target)[:valid])}
 
     def shown(self, x1: jax.Array) -> np.ndarray:
         return sharding.to_host(x1)

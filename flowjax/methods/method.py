@@ -26,14 +26,27 @@ import ml_collections
 from flowjax import configs
 from flowjax.flows import objective
 
-# The shared sections of `configs.base()` a training method reads; 'lpips' only when its loss
-# uses the LPIPS network (`Method.sections`).
+# The shared sections of `configs.base()` a training method reads; 'lpips' only when its loss or
+# its evaluation uses the LPIPS network (`Method.sections`).
 TRAINING_READS = ('data', 'model', 'flow', 'train', 'eval')
 
 
 def flow_uses_lpips(config: ml_collections.ConfigDict) -> bool:
     """Whether the config's flow loss needs the LPIPS network (then `config.lpips` is read)."""
     return 'flow' in config and config.flow.get('loss') in objective.LPIPS_LOSSES
+
+
+def eval_uses_lpips(config: ml_collections.ConfigDict) -> bool:
+    """Whether the evaluation scores reconstructions or stored pairs with LPIPS (`eval.lpips`; then
+    `config.lpips` is read): only when it runs (eval.samplers) and has something to score."""
+    ev = config.get('eval')
+    return (ev is not None and ev.get('lpips') is True and bool(ev.get('samplers'))
+            and any(ev.get(field) for field in ('reconstruction', 'preservation')))
+
+
+def uses_lpips(config: ml_collections.ConfigDict) -> bool:
+    """Whether a training method's config uses the LPIPS network: in its loss or in its evaluation."""
+    return flow_uses_lpips(config) or eval_uses_lpips(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Method:
     section: Callable[[], ml_collections.ConfigDict] | None = None
     references: tuple[str, ...] = ()
     reads: tuple[str, ...] = TRAINING_READS
-    lpips: Callable[[ml_collections.ConfigDict], bool] = flow_uses_lpips
+    lpips: Callable[[ml_collections.ConfigDict], bool] = uses_lpips
 
     def defaults(self) -> ml_collections.ConfigDict:
         """`configs.base()` with this method selected and its own section added."""

@@ -63,22 +63,16 @@ def flow(config: ml_collections.ConfigDict) -> objective.Flow:
 def check_lpips(config: ml_collections.ConfigDict) -> None:
     """When the flow's loss uses LPIPS: `config.lpips` is valid and its VGG16 weights file exists."""
     if method_lib.flow_uses_lpips(config):
-        if config.lpips.pool not in ('max', 'avg'):
-            raise errors.ConfigError(f"lpips.pool={config.lpips.pool!r}: expected 'max' or 'avg'")
-        size = config.lpips.resize or min(datasets.sample_shape(config)[:2])
-        if size < 16:  # VGG16 pools four times before its last tap
-            raise errors.ConfigError(f'lpips.resize={config.lpips.resize}: LPIPS needs images of at least 16x16; '
-                                     'set lpips.resize (e.g. 64)')
-        if not config.lpips.vgg_weights or not epath.Path(config.lpips.vgg_weights).exists():
-            load_perceptual(config)  # raises the one-line error saying which file and where to get it
+        from flowjax.metrics import lpips
+
+        lpips.check_config(config.lpips, datasets.sample_shape(config))
 
 
 def load_perceptual(config: ml_collections.ConfigDict) -> tuple[Callable[..., jax.Array], Any]:
     """(distance fn, variables) of LPIPS as `config.lpips` describes it."""
     from flowjax.metrics import lpips
 
-    module, variables = lpips.load(config.lpips.vgg_weights, config.lpips.head_weights,
-                                   resize=config.lpips.resize, pool=config.lpips.pool, field='lpips.vgg_weights')
+    module, variables = lpips.from_config(config.lpips)
     return lpips.distance_fn(module), variables
 
 
@@ -94,6 +88,9 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     flow(config)
     check_lpips(config)
     evaluate.check_data(config)
+    if config.eval.get('preservation', 0):
+        raise errors.ConfigError(f'eval.preservation={config.eval.preservation}: only the evaluate method scores '
+                                 'coupling preservation (set it with eval.couplings in an evaluate stage)')
 
 
 # Model fields that change how a network trains, not its parameters: a student may differ from
