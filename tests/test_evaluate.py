@@ -341,10 +341,26 @@ def test_paired_differences_pair_the_ith_models():
     assert '## Paired differences' in text and '| a - b | 3 |' in text
 
 
+def test_paired_differences_between_named_columns():
+    # CAF's caf@N against 2-RF's euler@N: a's column key_a paired with b's key_b, stored as 'key_a - key_b'.
+    merged = {'a0': {'caf@1': {'w2': 1.0, 'nfe': 2}, 'euler@1': {'w2': 9.0, 'nfe': 1}},
+              'a1': {'caf@1': {'w2': 2.0, 'nfe': 2}, 'euler@1': {'w2': 9.0, 'nfe': 1}},
+              'b0': {'euler@1': {'w2': 1.5, 'nfe': 1}}, 'b1': {'euler@1': {'w2': 3.0, 'nfe': 1}}}
+    groups = {'a': ('a0', 'a1'), 'b': ('b0', 'b1')}
+    out = report.paired_differences(merged, groups, {'d': ('a', 'b', 'caf@1=euler@1')})['d']
+    assert set(out) == {'pairs', 'caf@1 - euler@1'}  # only the named columns
+    np.testing.assert_allclose([out['caf@1 - euler@1']['w2']['mean'], out['caf@1 - euler@1']['w2']['std']],
+                               [-0.75, np.std([-0.5, -1.0], ddof=1)])
+    same = report.paired_differences(merged, groups, {'d': ('a', 'a', 'caf@1=caf@1')})['d']
+    assert same['caf@1']['w2']['mean'] == 0.0
+
+
 @pytest.mark.parametrize('differences, fragment', [
     ({'d': ('seeds', 'nope')}, "eval.differences.d: 'nope' is not a group of eval.groups (one, seeds)"),
-    ({'d': ('seeds',)}, 'eval.differences.d=(\'seeds\',): expected (group_a, group_b)'),
+    ({'d': ('seeds',)}, "eval.differences.d=('seeds',): expected (group_a, group_b"),
     ({'d': ('seeds', 'one')}, "groups 'seeds' and 'one' have 2 and 1 models"),
+    ({'d': ('seeds', 'seeds', 'euler@1=caf@9')}, "eval.differences.d: column pair 'euler@1=caf@9': expected "
+                                                 "'key_a=key_b' with both keys samplers of eval.samplers"),
 ])
 def test_bad_differences_are_one_line(exports, differences, fragment):
     config = configs.base()
