@@ -138,7 +138,8 @@ class ConstantAcceleration:
 
     Sampling starts at t = 0 whatever eps (CAF's interpolant and time grid include it):
     v0 = v(x0, 0), then `sampler` solves dx/dt = v0 + t a(x, t, v0) (`solvers.Accelerated`) from
-    0 to 1; caf@N is CAF's N-step update (NFE N + 1), any other sampler integrates the same field.
+    0 to 1; caf@N is CAF's N-step update (NFE N + 1), any other sampler on the uniform time grid
+    integrates the same field (an EDM grid needs t > 0 at its noise end: `supports` refuses it).
     Inversion takes v0 = v(x1, 1) from the data and solves from 1 to 0; `reconstruct` regenerates
     with that same v0 (NFE 2N + 1 with caf@N).
     """
@@ -247,8 +248,10 @@ class ConstantAcceleration:
         return 0.0
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Every sampler: caf@N is CAF's own update, the others integrate its field."""
-        return True
+        """Every sampler on the uniform time grid: caf@N is CAF's own update, the others integrate
+        its field. An EDM grid does not apply: CAF's solves start at t = 0, where its sigma = (1 - t) / t
+        is infinite (docs/methods.md, CAF)."""
+        return not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
 
     def meta(self) -> dict:
         """What an export's meta.json records of the kind."""
