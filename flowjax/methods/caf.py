@@ -141,10 +141,15 @@ def widen(given, fresh):
                                      f'network needs {f.shape}')
         return jnp.concatenate([g, jnp.zeros_like(g)], axis=axes[0])
 
-    try:
-        return jax.tree_util.tree_map_with_path(leaf, given, fresh)
-    except ValueError as e:
-        raise errors.ConfigError(f'caf.init: its parameters do not match the CAF network ({e})') from None
+    # Matched by parameter name: a mismatch is one line naming them (not jax's multi-line tree error).
+    wanted = {jax.tree_util.keystr(path): f for path, f in jax.tree_util.tree_leaves_with_path(fresh)}
+    names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(given)}
+    if names != set(wanted):
+        only_given, only_fresh = sorted(names - set(wanted)), sorted(set(wanted) - names)
+        raise errors.ConfigError(f"caf.init: its parameters do not match the CAF network's (only in the export: "
+                                 f"{', '.join(only_given[:3]) or 'none'}; only in the network: "
+                                 f"{', '.join(only_fresh[:3]) or 'none'})")
+    return jax.tree_util.tree_map_with_path(lambda path, g: leaf(path, g, wanted[jax.tree_util.keystr(path)]), given)
 
 
 def _stage_config(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
