@@ -70,6 +70,9 @@ def check(config: ml_collections.ConfigDict) -> Options:
     if not isinstance(cfg.ivc, bool):
         raise errors.ConfigError(f'caf.ivc={cfg.ivc!r}: must be True or False')
     steps = config.train.steps
+    if steps < 2:  # train.validate has checked it is an integer >= 1
+        raise errors.ConfigError(f'train.steps={steps}: CAF trains two networks one after the other, it needs at '
+                                 'least 2 steps (caf.velocity_steps of them for the velocity network)')
     velocity_steps = steps // 2 if cfg.velocity_steps is None else cfg.velocity_steps
     if isinstance(velocity_steps, bool) or not isinstance(velocity_steps, int) or not 1 <= velocity_steps < steps:
         raise errors.ConfigError(f'caf.velocity_steps={cfg.velocity_steps!r}: must be an integer in [1, train.steps) '
