@@ -20,11 +20,12 @@ import pytest
 from conftest import ROOT, experiment_config
 from flowjax import checkpoint, generate, models, train
 from flowjax.data import couplings
-from flowjax.methods import rf
+from flowjax.methods import caf, rf
 from flowjax.models import kinds
 
 TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
 TOY_PIPELINE = '--config=experiments/toy2d_reflow.py:runlocal'
+TOY_CAF = '--config=experiments/caf_toy2d.py:runlocal'
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -106,6 +107,30 @@ CASES = [
      ['evaluate.eval.preservation=513', 'more pairs than the 512', 'eval.couplings=']),
     ('LPIPS scores of toy data', [TOY_RF, '--workdir={new}', '--config.eval.lpips=True'],
      ['eval.lpips=True', "data.kind='toy2d'"]),
+    # CAF (docs/methods.md, CAF): the caf section of caf_toy2d's stage 'caf', and caf@N given for a velocity
+    # model. More bad values of caf.h, caf.ivc, caf.velocity_steps (0) and train.steps: tests/test_caf.py.
+    ('CAF h = 0', [TOY_CAF, '--workdir={new}', '--config.caf.caf.h=0'], ['caf.caf.h=0.0', 'must be a number > 0']),
+    ('CAF ivc not a bool', [TOY_CAF, '--workdir={new}', '--config.caf.caf.ivc=maybe'],
+     ['caf.caf.ivc', 'maybe', 'boolean']),
+    ('CAF velocity steps all of train.steps', [TOY_CAF, '--workdir={new}', '--config.caf.caf.velocity_steps=40'],
+     ['caf.caf.velocity_steps=40', 'in [1, train.steps)', 'train.steps=40']),
+    ('CAF init not a velocity export', [TOY_CAF, '--workdir={new}', '--config.stages=("caf",)',
+                                        '--config.caf.caf.couplings=', '--config.caf.caf.init={caf_a}'],
+     ['caf.init', "model of kind 'caf'", "a student starts from a velocity field (kind 'velocity')"]),
+    ('caf@N to evaluate a velocity model', [TOY_PIPELINE, '--workdir={new}', '--config.stages=("evaluate",)',
+                                            '--config.evaluate.eval.models=("{teacher_a}",)',
+                                            '--config.evaluate.eval.couplings=',
+                                            '--config.evaluate.eval.samplers=("caf@1",)'],
+     ['none of eval.samplers (caf@1) applies', "kind 'velocity'"]),
+    ('caf@N coupling sampler of a velocity teacher', [TOY_CAF, '--workdir={new}',
+                                                      '--config.teacher.checkpoint={teacher_a}',
+                                                      '--config.couplings.generate.sampler=caf@2'],
+     ["generate.sampler='caf@2'", 'does not apply', "kind 'velocity'"]),
+    ('caf@N online sampler of a velocity teacher', [TOY_PIPELINE, '--workdir={new}', '--config.stages=("reflow",)',
+                                                    '--config.reflow.reflow.couplings=', '--config.reflow.reflow.init=',
+                                                    '--config.reflow.reflow.online_teacher={teacher_a}',
+                                                    '--config.reflow.reflow.online_sampler=caf@4'],
+     ["reflow.online_sampler='caf@4'", 'does not apply', "kind 'velocity'"]),
 ]
 
 
@@ -135,6 +160,12 @@ def made(tmp_path_factory):
     toy.eval.samplers = ()
     rf.run(toy, str(root / 'trained'))
     (root / 'a_file').write_text('not a directory')
+    # CAF: a CAF export of the caf_toy2d:runlocal stage's model, its weights zeros (only its kind is read).
+    caf_stage = experiment_config('caf_toy2d', 'runlocal').caf
+    kind = caf.kind_of(caf_stage)
+    shapes = jax.eval_shape(lambda key: kind.init(key, (2,)), jax.random.key(0))
+    checkpoint.export(root / 'caf_a', jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                      train.export_meta(caf_stage, kind, (2,), caf_stage.train.steps))
     return root
 
 
@@ -147,7 +178,7 @@ def _snapshot(root) -> dict[str, str]:
 @pytest.mark.parametrize('case, args, fragments', CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_harmless(made, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
-             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained')}}
+             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained', 'caf_a')}}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
     before = _snapshot(made), _snapshot(tmp_path)
