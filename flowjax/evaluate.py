@@ -16,6 +16,7 @@ from flowjax.models import kinds
 
 evaluate = job.evaluate
 check_data = job.check_data
+parse_samplers = job.parse_samplers
 
 
 def model_entry(entry: str) -> tuple[str, str]:

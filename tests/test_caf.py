@@ -5,6 +5,7 @@ and resumed, and a CAF export as a teacher.
 Bad command-line input for CAF is in test_bad_input.py (rows under `# CAF`).
 """
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -19,7 +20,7 @@ import pytest
 from flowjax import checkpoint, configs, errors, generate, sharding, train
 from flowjax.data import couplings
 from flowjax.flows import objective, solvers
-from flowjax.methods import caf, table, training
+from flowjax.methods import caf, rf, table, training
 from flowjax.models import kinds
 
 MLP = {'name': 'mlp', 'features': (16, 16), 'time_dim': 16, 'dropout': 0.0}
@@ -417,6 +418,33 @@ def test_a_completed_rerun_changes_nothing(toy):
     before = _snapshot(root / 'run')
     caf.run(config, str(root / 'run'))
     assert _snapshot(root / 'run') == before
+
+
+def test_a_rerun_with_another_velocity_budget_is_refused(toy):
+    # train.steps may grow on resume; with caf.velocity_steps at its default (half) the velocity network would
+    # then train on while the acceleration stage continues from a checkpoint made against the old one.
+    root, config, _ = toy
+    longer = copy.deepcopy(config)
+    longer.train.steps = 16
+    before = _snapshot(root / 'run')
+    with pytest.raises(errors.ConfigError) as e:
+        caf.run(longer, str(root / 'run'))
+    assert str(e.value).startswith('caf.velocity_steps: this run gives the velocity network 8 steps, but the '
+                                   'acceleration stage') and 'caf.velocity_steps=4' in str(e.value), str(e.value)
+    assert _snapshot(root / 'run') == before
+
+
+def test_training_refuses_samplers_none_of_which_apply():
+    config = configs.shrink_toy2d_for_local(table.config('rf'))
+    config.eval.samplers = ('caf@1', 'caf@2')
+    with pytest.raises(errors.ConfigError) as e:
+        rf.check(config)
+    assert str(e.value) == ("eval.samplers=('caf@1', 'caf@2'): none applies to a model of kind 'velocity', which "
+                            'this method trains')
+    config = _toy_config(None, None)
+    config.eval.samplers = ('euler@4:edm',)  # a CAF model solves from t = 0, where the EDM grid is undefined
+    with pytest.raises(errors.ConfigError, match="none applies to a model of kind 'caf'"):
+        caf.check(config)
 
 
 def test_a_caf_export_is_a_teacher_but_not_a_students_start(toy, tmp_path):

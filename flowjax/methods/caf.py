@@ -16,6 +16,7 @@ train.steps have the same step budget. Each stage has its own warm-up, schedule 
 
 import copy
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,6 @@ def kind_of(config: ml_collections.ConfigDict) -> kinds.ConstantAcceleration:
 
 def check(config: ml_collections.ConfigDict) -> Options:
     """Static checks of `config.caf` and the shared sections; the kind and the two stages' steps."""
-    training.check_training(config)
     cfg = config.caf
     if isinstance(cfg.h, bool) or not isinstance(cfg.h, int | float) or not 0 < cfg.h < float('inf'):
         raise errors.ConfigError(f'caf.h={cfg.h!r}: must be a number > 0 (v0 = h (x1 - x0); 1.5 on images)')
@@ -77,6 +77,7 @@ def check(config: ml_collections.ConfigDict) -> Options:
     if isinstance(velocity_steps, bool) or not isinstance(velocity_steps, int) or not 1 <= velocity_steps < steps:
         raise errors.ConfigError(f'caf.velocity_steps={cfg.velocity_steps!r}: must be an integer in [1, train.steps) '
                                  f'(train.steps={steps} counts both networks\' steps), or None for half')
+    training.check_training(config, kind_of)
     return Options(kind=kind_of(config), velocity_steps=velocity_steps, acceleration_steps=steps - velocity_steps)
 
 
@@ -173,10 +174,24 @@ def _batches(config: ml_collections.ConfigDict):
     return batches
 
 
+def _check_resume(workdir: epath.Path, options: Options) -> None:
+    """A rerun must keep the velocity network its acceleration stage has trained against: once
+    `acceleration/` exists, the velocity export's step must be `caf.velocity_steps`."""
+    velocity, acceleration = workdir / 'velocity', workdir / 'acceleration'
+    if acceleration.exists() and checkpoint.is_exported(velocity):
+        step = json.loads((checkpoint.export_dir(velocity) / 'meta.json').read_text())['step']
+        if step != options.velocity_steps:
+            raise errors.ConfigError(
+                f'caf.velocity_steps: this run gives the velocity network {options.velocity_steps} steps, but the '
+                f'acceleration stage in {acceleration} trains against the one of {step} steps; set '
+                f'caf.velocity_steps={step} (train.steps may grow) or use a new workdir')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the velocity network, then the acceleration network, exports the CAF model, evaluates it."""
     options = check(config)
     kind, workdir = options.kind, epath.Path(workdir)
+    _check_resume(workdir, options)
     mesh = sharding.data_mesh()
     shape = datasets.sample_shape(config)
     identity, defaults_ = METHOD.identity(config), METHOD.default_identity()

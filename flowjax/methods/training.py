@@ -76,8 +76,11 @@ def load_perceptual(config: ml_collections.ConfigDict) -> tuple[Callable[..., ja
     return lpips.distance_fn(module), variables
 
 
-def check_training(config: ml_collections.ConfigDict) -> None:
-    """Static checks of a training method's config: data, model, train and eval fields.
+def check_training(config: ml_collections.ConfigDict, kind_of: Callable[[ml_collections.ConfigDict], Any] | None = None
+                   ) -> None:
+    """Static checks of a training method's config: data, model, train and eval fields. `kind_of(config)`
+    is the model kind it trains (default `kinds.from_config`: the velocity field of config.model), whose
+    evaluation needs at least one sampler of eval.samplers that applies to it.
 
     Touches no files, so a pipeline can check every stage before it runs the first.
     """
@@ -88,6 +91,11 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     flow(config)
     check_lpips(config)
     evaluate.check_data(config)
+    samplers = evaluate.parse_samplers(config)
+    kind = (kind_of or kinds.from_config)(config)
+    if samplers and not any(kind.supports(s) for s in samplers):
+        raise errors.ConfigError(f"eval.samplers={tuple(config.eval.samplers)!r}: none applies to a model of kind "
+                                 f'{kind.name!r}, which this method trains')
     if config.eval.get('preservation', 0):
         raise errors.ConfigError(f'eval.preservation={config.eval.preservation}: only the evaluate method scores '
                                  'coupling preservation (set it with eval.couplings in an evaluate stage)')
