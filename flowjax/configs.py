@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.adam_eps = 1e-8
+    c.train.weight_decay = 0.0  # > 0: AdamW, this decoupled decay (scaled by the rate) on every parameter; 0: Adam
     c.train.warmup_steps = 500
     c.train.lr_final = 1.0  # < 1: cosine decay to lr * lr_final at train.steps; 1: constant
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
