@@ -170,6 +170,12 @@ def slimflow_pipeline(teacher: ml_collections.ConfigDict, couplings: ml_collecti
 def experiment(near, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the experiment file `<name>.py` beside the file `near` (an experiment's
     `__file__`, a str or path): one experiment builds on another's recipe without copying it."""
+    return experiment_module(near, name).get_config(arg)
+
+
+def experiment_module(near, name: str):
+    """The experiment file `<name>.py` beside the file `near`, loaded as a module: one experiment
+    uses another's helpers (e.g. caf_toy2d's `caf_stage`) without copying them."""
     import importlib.util
     import pathlib
 
@@ -177,7 +183,7 @@ def experiment(near, name: str, arg: str | None = None) -> ml_collections.Config
     spec = importlib.util.spec_from_file_location(f'flowjax_experiment_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
