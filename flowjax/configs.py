@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.adam_eps = 1e-8
+    c.train.weight_decay = 0.0  # > 0: AdamW, this decoupled decay (scaled by the rate) on every parameter; 0: Adam
     c.train.warmup_steps = 500
     c.train.lr_final = 1.0  # < 1: cosine decay to lr * lr_final at train.steps; 1: constant
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
@@ -175,6 +176,12 @@ def slimflow_pipeline(teacher: ml_collections.ConfigDict, couplings: ml_collecti
 def experiment(near, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the experiment file `<name>.py` beside the file `near` (an experiment's
     `__file__`, a str or path): one experiment builds on another's recipe without copying it."""
+    return experiment_module(near, name).get_config(arg)
+
+
+def experiment_module(near, name: str):
+    """The experiment file `<name>.py` beside the file `near`, loaded as a module: one experiment
+    uses another's helpers (e.g. caf_toy2d's `caf_stage`) without copying them."""
     import importlib.util
     import pathlib
 
@@ -182,7 +189,7 @@ def experiment(near, name: str, arg: str | None = None) -> ml_collections.Config
     spec = importlib.util.spec_from_file_location(f'flowjax_experiment_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -42,7 +42,8 @@ class TrainState:
 
 
 def optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam with linear warm-up to `lr` and optional global-norm clipping.
+    """Adam with linear warm-up to `lr` and optional global-norm clipping; with `weight_decay` > 0,
+    AdamW (optax.adamw: each update also subtracts rate * weight_decay * param, from every parameter).
 
     Update n (counting from 1) uses lr * min(n / warmup_steps, 1); with `lr_final` < 1 the
     rate then follows a cosine from lr to lr * lr_final at `steps` (1: constant, the reference).
@@ -56,7 +57,10 @@ def optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformat
         decay = cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         return cfg.lr * jnp.minimum(n / warmup, 1.0) * decay
 
-    adam = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps)
+    if cfg.weight_decay > 0:
+        adam = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    else:
+        adam = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps)
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam), schedule
     return adam, schedule
@@ -76,6 +80,9 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
         raise errors.ConfigError(f'train.lr={cfg.lr}: must be > 0')
     if not 0.0 <= cfg.lr_final <= 1.0:
         raise errors.ConfigError(f'train.lr_final={cfg.lr_final}: must be in [0, 1] (a fraction of train.lr)')
+    decay = cfg.weight_decay
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < float('inf'):
+        raise errors.ConfigError(f'train.weight_decay={decay!r}: must be a number >= 0 (0: Adam; > 0: AdamW)')
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise errors.ConfigError(f'train.ema_decay={cfg.ema_decay}: must be in [0, 1)')
     for field in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'n_jitted_steps'):

@@ -3,8 +3,10 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from flowjax import checkpoint, errors, models, sharding, train
@@ -87,6 +89,43 @@ def test_completed_run_is_not_retrained_and_export_loads(config, tmp_path):
 def test_ema_warmup_rule():
     decay = [float(train.ema_decay(0.999, np.int32(n))) for n in (0, 1, 10, 10_000)]
     assert decay == pytest.approx([0.1, 2 / 11, 11 / 20, 0.999])
+
+
+@pytest.mark.parametrize('weight_decay', [0.0, 1e-2])
+def test_weight_decay_chooses_adam_or_adamw(config, weight_decay):
+    """train.weight_decay 0: the very Adam of before; > 0: optax.adamw with that decay, same schedule."""
+    with config.unlocked():
+        config.train.update(weight_decay=weight_decay, grad_clip=0.0, warmup_steps=2)
+    tx, schedule = train.optimizer(config.train)
+    cfg = config.train
+    if weight_decay:
+        want = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=weight_decay)
+    else:
+        want = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps)
+    params = {'w': jax.random.normal(jax.random.key(0), (3, 4)), 'b': jnp.ones((4,))}
+    states, (a, b) = (tx.init(params), want.init(params)), (params, params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p: jnp.sin(p + step), a)
+        (ua, sa), (ub, sb) = tx.update(grads, states[0], a), want.update(grads, states[1], b)
+        states, a, b = (sa, sb), optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    # the decay's own part: AdamW's update minus Adam's is -rate * weight_decay * params
+    adam = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps)
+    grads = jax.tree.map(jnp.cos, params)
+    plain, _ = adam.update(grads, adam.init(params), params)
+    ours, _ = tx.update(grads, tx.init(params), params)
+    for u, v, p in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), jax.tree.leaves(params)):
+        np.testing.assert_allclose(u - v, -schedule(0) * weight_decay * p, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize('value', [-1e-5, float('nan'), float('inf')])
+def test_bad_weight_decay_is_one_line(config, value):
+    with config.unlocked():
+        config.train.weight_decay = value
+    with pytest.raises(errors.ConfigError) as e:
+        train.validate(config.train, sharding.data_mesh())
+    assert str(e.value) == f'train.weight_decay={value!r}: must be a number >= 0 (0: Adam; > 0: AdamW)'
 
 
 def test_workdir_of_another_experiment_is_refused(config, tmp_path):
