@@ -11,12 +11,13 @@ Stages, each in `<workdir>/<stage>/`, a rerun skipping finished ones:
              export (e.g. an rf_cifar workdir) stands in for it instead
   couplings  1M pairs (x0, the teacher's RK45 solution)
   reflow     2-RF on the couplings, initialised from the teacher
-  caf        CAF on the same couplings with the same train section (caf_toy2d.py's `caf_stage`):
+  caf        CAF on the same couplings with the same train section (`caf.like_reflow` of the 2-RF stage):
              h = 1.5, its velocity network initialised from the teacher (the input layer widened
              with zeros for the velocity slot), t on the grid k / 1000; train.steps counts both
              networks' steps (half each), so the two students have the same budget
   evaluate   FID (50k samples) of the three at Euler 1 and 2 steps, CAF's own update caf@1 and
-             caf@2 (NFE 2 and 3) and RK45
+             caf@2 (NFE 2 and 3) and RK45, and per sampler the coupling preservation of the first
+             1000 stored pairs and the reconstruction of 1000 real images (PSNR; LPIPS with `vgg=`)
 Both students train with CAF's CIFAR-10 choices where they apply: AdamW lr 1e-4 with weight decay
 1e-5 (`train.weight_decay`; b1 0.9, b2 0.999, eps 1e-8), EMA 0.9999, no gradient clipping, global
 batch 1280 (`batch=`; it must divide by the device count, as 1280 does for any power of two up to
@@ -39,7 +40,7 @@ tests on mock CIFAR-10 (32x32, as the real one).
 """
 
 from flowjax import configs
-from flowjax.methods import table
+from flowjax.methods import caf, table
 
 SAMPLERS = ('euler@1', 'euler@2', 'caf@1', 'caf@2', 'rk45')
 
@@ -69,16 +70,20 @@ def get_config(arg=None):
 
     evaluate = table.for_method(teacher, 'evaluate')
     evaluate.eval.update(models=('teacher', 'reflow', 'caf'), couplings='couplings', metric='fid',
-                         inception_weights=arg.inception or None, num_samples=50_000, samplers=SAMPLERS)
+                         inception_weights=arg.inception or None, num_samples=50_000, samplers=SAMPLERS,
+                         preservation=1000, reconstruction=1000, lpips=bool(arg.vgg))
+    evaluate.lpips.update(resize=224, pool='avg', vgg_weights=arg.vgg or None)  # PSNR, and LPIPS with vgg=
 
     if arg.runlocal:
         couplings.generate.update(num_pairs=48, batch_size=16, shard_size=32, sampler='euler@4')
         reflow.train.update(steps=4, batch_size=16, warmup_steps=2, log_every=2, checkpoint_every=4)
         reflow.lpips.resize = 16  # the smallest VGG16 takes
-        evaluate.eval.update(metric='none', num_samples=32, samplers=('euler@1', 'caf@1'))
+        evaluate.eval.update(metric='none', num_samples=32, samplers=('euler@1', 'caf@1'), preservation=16,
+                             reconstruction=16)
+        evaluate.lpips.resize = 16
     if arg.steps:
         reflow.train.steps = arg.steps
     if arg.batch:
         reflow.train.batch_size = arg.batch
-    caf = configs.experiment_module(__file__, 'caf_toy2d').caf_stage(reflow, h=arg.h, ivc=arg.ivc)
-    return configs.pipeline(teacher=teacher, couplings=couplings, reflow=reflow, caf=caf, evaluate=evaluate)
+    caf_stage = caf.like_reflow(reflow, h=arg.h, ivc=arg.ivc)
+    return configs.pipeline(teacher=teacher, couplings=couplings, reflow=reflow, caf=caf_stage, evaluate=evaluate)

@@ -48,4 +48,7 @@ def get_config(arg=None):
     evaluate.data.target = DATA[arg.data]['target']
     evaluate.eval.models = ('teacher', 'reflow', 'caf')
     evaluate.eval.samplers = SAMPLERS
+    evaluate.eval.couplings = 'couplings'
+    evaluate.eval.preservation = min(recipe.couplings.generate.num_pairs, 1000)  # the first stored pairs
+    evaluate.eval.reconstruction = min(evaluate.eval.num_samples, 1000)  # held-out points
     return configs.pipeline(**stages, evaluate=evaluate)

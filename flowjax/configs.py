@@ -181,7 +181,7 @@ def experiment(near, name: str, arg: str | None = None) -> ml_collections.Config
 
 def experiment_module(near, name: str):
     """The experiment file `<name>.py` beside the file `near`, loaded as a module: one experiment
-    uses another's helpers (e.g. caf_toy2d's `caf_stage`) without copying them."""
+    uses another's helpers without copying them."""
     import importlib.util
     import pathlib
 

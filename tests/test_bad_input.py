@@ -54,6 +54,8 @@ CASES = [
      ['flow.loss', 'lpips_huber', "data.kind='image'"]),
     ('unknown flow loss', [TOY_RF, '--workdir={new}', '--config.flow.loss=huber'],
      ['flow.loss', 'huber', 'pseudo_huber']),
+    ('negative weight decay', [TOY_RF, '--workdir={new}', '--config.train.weight_decay=-1.0'],
+     ['train.weight_decay=-1.0', '>= 0']),
     ('pseudo-Huber c', [TOY_RF, '--workdir={new}', '--config.flow.huber_c=-1.0'], ['flow.huber_c=-1.0', '> 0']),
     ('LPIPS time clamp', [TOY_RF, '--workdir={new}', '--config.flow.lpips_t_min=2.0'],
      ['flow.lpips_t_min=2.0', '(0, 1]']),
