@@ -75,6 +75,9 @@ def test_caf_toy2d_moons_runlocal(tmp_path):
     assert report['teacher']['euler@1']['nfe'] == report['reflow']['euler@1']['nfe'] == 1
     assert 'caf@1' not in report['teacher']
     assert report['couplings']['pairs'] == 512
+    for model, n1 in (('reflow', 'euler@1'), ('caf', 'caf@1')):  # reconstruction and preservation at N = 1 (and 2)
+        assert report[model][n1]['reconstruction_mse'] >= 0 and report[model][n1]['preservation_mse'] >= 0
+    assert (report['caf']['caf@1']['reconstruction_nfe'], report['caf']['caf@2']['reconstruction_nfe']) == (3, 5)
 
 
 def test_caf_toy2d_gmm_recipe(tmp_path):
@@ -105,6 +108,7 @@ def test_caf_digits_runlocal(tmp_path):
     pipeline.run(config, str(tmp_path / 'run'))
     report = _check_run(tmp_path / 'run')
     assert report['caf']['caf@1']['fd_digits'] > 0 and report['teacher']['straightness'] >= 0
+    assert np.isfinite(report['caf']['caf@1']['reconstruction_psnr']) and report['caf']['caf@1']['preservation_nfe'] == 2
     assert report['couplings']['pairs'] == 64
 
 
@@ -132,6 +136,8 @@ def test_caf_cifar_runlocal_on_mock_cifar10(tmp_path):
         _stand_in_teacher(config, tmp_path / 'teacher_export')
         pipeline.run(config, str(tmp_path / 'run'))
     report = _check_run(tmp_path / 'run')
-    assert report['caf']['caf@1'] == {'nfe': 2}  # runlocal scores no FID
+    cell = report['caf']['caf@1']  # runlocal scores no FID; PSNR of 16 reconstructions and stored pairs
+    assert 'fid' not in cell and (cell['nfe'], cell['reconstruction_nfe'], cell['preservation_nfe']) == (2, 3, 2)
+    assert all(np.isfinite(cell[k]) for k in ('reconstruction_psnr', 'preservation_psnr'))
     meta = json.loads((tmp_path / 'run' / 'caf' / 'export' / 'meta.json').read_text())
     assert meta['sample_shape'] == [32, 32, 3]
