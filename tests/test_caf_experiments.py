@@ -141,3 +141,26 @@ def test_caf_cifar_runlocal_on_mock_cifar10(tmp_path):
     assert all(np.isfinite(cell[k]) for k in ('reconstruction_psnr', 'preservation_psnr'))
     meta = json.loads((tmp_path / 'run' / 'caf' / 'export' / 'meta.json').read_text())
     assert meta['sample_shape'] == [32, 32, 3]
+
+
+def test_caf_ablation_runlocal(tmp_path):
+    """Two seeds of 2-RF and CAF on one teacher's couplings: the groups and the paired differences of caf@N
+    against euler@N (the same steps) and euler@(N+1) (the same NFE)."""
+    config = experiment_config('caf_ablation', 'runlocal,data=moons,seeds=2,arms=reflow+caf')
+    assert config.stages == ('teacher', 'couplings', 'reflow_s0', 'reflow_s1', 'caf_s0', 'caf_s1', 'evaluate')
+    assert config.caf_s1.seed == 1 and config.caf_s1.train.to_dict() == config.reflow_s1.train.to_dict()
+    full = experiment_config('caf_ablation', 'data=gmm')
+    assert {g for g in full.evaluate.eval.groups} == {'reflow', 'caf', 'caf_h1', 'caf_h2', 'caf_noivc'}
+    assert 'caf_h1' not in experiment_config('caf_ablation', 'data=digits').evaluate.eval.groups  # h arms: toy only
+    config.evaluate.eval.samplers = ('euler@1', 'euler@2', 'caf@1')
+    config.evaluate.eval.differences = {'caf - reflow': ('caf', 'reflow', 'caf@1=euler@1', 'caf@1=euler@2')}
+    pipeline.run(config, str(tmp_path))
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert report['groups']['caf']['models'] == ['caf_s0', 'caf_s1']
+    diff = report['differences']['caf - reflow']
+    assert diff['pairs'] == [['caf_s0', 'reflow_s0'], ['caf_s1', 'reflow_s1']]
+    for key in ('caf@1 - euler@1', 'caf@1 - euler@2'):
+        assert set(diff[key]) == {'w2', 'energy', 'reconstruction_mse', 'preservation_mse'}, key
+        assert diff[key]['w2']['n'] == 2
+    expected = np.mean([report[f'caf_s{s}']['caf@1']['w2'] - report[f'reflow_s{s}']['euler@1']['w2'] for s in (0, 1)])
+    np.testing.assert_allclose(diff['caf@1 - euler@1']['w2']['mean'], expected)
