@@ -30,7 +30,6 @@ recipe's by default), `arms=` (a subset joined by '+'; reflow and caf are always
 import copy
 
 from flowjax import configs
-from flowjax.methods import caf
 
 CAF_ARMS = {'caf': {}, 'caf_h1': {'h': 1.0}, 'caf_h2': {'h': 2.0}, 'caf_noivc': {'ivc': False}}
 TOY_ONLY = ('caf_h1', 'caf_h2')
@@ -43,6 +42,7 @@ def get_config(arg=None):
     if arg.data not in ('gmm', 'moons', 'digits'):
         raise ValueError(f'config argument data={arg.data!r}: expected gmm, moons or digits')
     local = 'runlocal' if arg.runlocal else None
+    caf_stage = configs.experiment_module(__file__, 'caf_toy2d').caf_stage
     if arg.data == 'digits':
         recipe = configs.experiment(__file__, 'digits_reflow', local)
     else:
@@ -51,7 +51,8 @@ def get_config(arg=None):
     unknown = sorted(chosen - set(CAF_ARMS) - {'reflow'})
     if unknown:
         raise ValueError(f"config argument arms: unknown arm {unknown[0]!r} (expected reflow, {', '.join(CAF_ARMS)})")
-    arms = ['reflow', *(a for a in CAF_ARMS if (a in chosen or a == 'caf') and not (arg.data == 'digits' and a in TOY_ONLY))]
+    toy_only = TOY_ONLY if arg.data == 'digits' else ()
+    arms = ['reflow', *(a for a in CAF_ARMS if (a in chosen or a == 'caf') and a not in toy_only)]
 
     stages = {'teacher': recipe.teacher, 'couplings': recipe.couplings}
     for arm in arms:
@@ -60,7 +61,7 @@ def get_config(arg=None):
             if arg.steps:
                 c.train.steps = arg.steps
             if arm != 'reflow':
-                c = caf.like_reflow(c, h=CAF_ARMS[arm].get('h', 1.5), ivc=CAF_ARMS[arm].get('ivc', True))
+                c = caf_stage(c, h=CAF_ARMS[arm].get('h', 1.5), ivc=CAF_ARMS[arm].get('ivc', True))
             c.seed = seed
             stages[f'{arm}_s{seed}'] = c
 

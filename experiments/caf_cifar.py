@@ -11,7 +11,7 @@ Stages, each in `<workdir>/<stage>/`, a rerun skipping finished ones:
              export (e.g. an rf_cifar workdir) stands in for it instead
   couplings  1M pairs (x0, the teacher's RK45 solution)
   reflow     2-RF on the couplings, initialised from the teacher
-  caf        CAF on the same couplings with the same train section (`caf.like_reflow` of the 2-RF stage):
+  caf        CAF on the same couplings with the same train section (caf_toy2d.py's `caf_stage` of the 2-RF stage):
              h = 1.5, its velocity network initialised from the teacher (the input layer widened
              with zeros for the velocity slot), t on the grid k / 1000; train.steps counts both
              networks' steps (half each), so the two students have the same budget
@@ -40,7 +40,7 @@ tests on mock CIFAR-10 (32x32, as the real one).
 """
 
 from flowjax import configs
-from flowjax.methods import caf, table
+from flowjax.methods import table
 
 SAMPLERS = ('euler@1', 'euler@2', 'caf@1', 'caf@2', 'rk45')
 
@@ -85,5 +85,5 @@ def get_config(arg=None):
         reflow.train.steps = arg.steps
     if arg.batch:
         reflow.train.batch_size = arg.batch
-    caf_stage = caf.like_reflow(reflow, h=arg.h, ivc=arg.ivc)
+    caf_stage = configs.experiment_module(__file__, 'caf_toy2d').caf_stage(reflow, h=arg.h, ivc=arg.ivc)
     return configs.pipeline(teacher=teacher, couplings=couplings, reflow=reflow, caf=caf_stage, evaluate=evaluate)

@@ -8,7 +8,7 @@ and CAF on the same couplings with the same step budget -> evaluate.
 
 The teacher, its couplings (euler@32) and the 2-RF student are `digits_reflow.py`'s recipe (its
 one-step distillation is left out); `--config.teacher.checkpoint=` reuses a digits_reflow teacher.
-The `caf` stage (`caf.like_reflow` of the 2-RF stage) trains CAF (docs/methods.md, CAF) on the same couplings
+The `caf` stage (caf_toy2d.py's `caf_stage` of the 2-RF stage) trains CAF (docs/methods.md, CAF) on the same couplings
 with the same train.steps, both of its networks counted (half each), its velocity network started
 from the teacher like the 2-RF student, h = 1.5 and time on the grid k / 1000. The evaluate stage
 scores the three with `fd_digits` at Euler 1, 2 and 4 steps, CAF's own update caf@1/2/4 (NFE N + 1)
@@ -23,7 +23,6 @@ slowest to compile, and this one compiles fastest.
 """
 
 from flowjax import configs
-from flowjax.methods import caf
 
 
 def get_config(arg=None):
@@ -36,7 +35,8 @@ def get_config(arg=None):
     stages['reflow'].seed = arg.seed
     if arg.steps:
         stages['reflow'].train.steps = arg.steps
-    stages['caf'] = caf.like_reflow(stages['reflow'], h=arg.h, ivc=arg.ivc)
+    caf_stage = configs.experiment_module(__file__, 'caf_toy2d').caf_stage
+    stages['caf'] = caf_stage(stages['reflow'], h=arg.h, ivc=arg.ivc)
 
     evaluate = recipe.evaluate
     reference = evaluate.eval.samplers[-1]  # the recipe's many-step Euler (euler@32; euler@8 in runlocal)

@@ -54,8 +54,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         for column in pair[2:]:
             keys = column.split('=')
             if len(keys) != 2 or not all(k in samplers for k in keys):
-                raise errors.ConfigError(f"{field}: column pair {column!r}: expected 'key_a=key_b' with both keys samplers "
-                                         f"of eval.samplers ({', '.join(samplers)})")
+                raise errors.ConfigError(f"{field}: column pair {column!r}: expected 'key_a=key_b' with both keys "
+                                         f"samplers of eval.samplers ({', '.join(samplers)})")
         for group in pair[:2]:
             if group not in groups:
                 raise errors.ConfigError(f"{field}: {group!r} is not a group of eval.groups "

@@ -108,7 +108,8 @@ def test_caf_digits_runlocal(tmp_path):
     pipeline.run(config, str(tmp_path / 'run'))
     report = _check_run(tmp_path / 'run')
     assert report['caf']['caf@1']['fd_digits'] > 0 and report['teacher']['straightness'] >= 0
-    assert np.isfinite(report['caf']['caf@1']['reconstruction_psnr']) and report['caf']['caf@1']['preservation_nfe'] == 2
+    cell = report['caf']['caf@1']
+    assert np.isfinite(cell['reconstruction_psnr']) and cell['preservation_nfe'] == 2
     assert report['couplings']['pairs'] == 64
 
 

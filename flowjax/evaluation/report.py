@@ -220,7 +220,8 @@ def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[
         entries = [(report[a], report[b]) for a, b in pairs]
         stats: dict[str, Any] = {'pairs': [list(p) for p in pairs]}
         first_a, first_b = entries[0]
-        cells = [tuple(c.split('=', 1)) for c in columns] or [(k, k) for k, v in first_a.items() if isinstance(v, Mapping)]
+        cells = ([tuple(c.split('=', 1)) for c in columns]
+                 or [(k, k) for k, v in first_a.items() if isinstance(v, Mapping)])
         for key_a, key_b in cells:
             if isinstance(first_a.get(key_a), Mapping) and isinstance(first_b.get(key_b), Mapping):
                 metrics = [m for m in first_a[key_a] if not is_nfe(m) and all(

@@ -204,9 +204,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         init = jax.device_put(widen(given, fresh), sharding.replicated(mesh))
     stage_config = _stage_config(config, options.velocity_steps)
     ctx = training.context(stage_config, mesh, options=options, kind=kind)
-    velocity = train.train(stage_config, workdir / 'velocity', kind=_Network(kind, 'velocity'), loss_fn=velocity_loss_fn,
-                           ctx=ctx, batches=batches(mesh), sample_shape=shape, mesh=mesh, init_params=init,
-                           identity=identity, defaults=defaults_).ema_params
+    velocity = train.train(stage_config, workdir / 'velocity', kind=_Network(kind, 'velocity'),
+                           loss_fn=velocity_loss_fn, ctx=ctx, batches=batches(mesh), sample_shape=shape, mesh=mesh,
+                           init_params=init, identity=identity, defaults=defaults_).ema_params
 
     stage_config = _stage_config(config, options.acceleration_steps)
     ctx = training.context(stage_config, mesh, options=options, kind=kind, teacher=kinds.Model(kind, velocity))
@@ -221,18 +221,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
     name = config.name or config.method
     return evaluate.evaluate(config, workdir, {name: kinds.Model(kind, params)})
-
-
-def like_reflow(reflow: ml_collections.ConfigDict, *, h: float = 1.5, ivc: bool = True) -> ml_collections.ConfigDict:
-    """The CAF stage matching a reflow stage config: the same data, model, couplings, init (widened),
-    seed and step budget (train.steps, both networks counted), CAF's time grid k / 1000. Experiments
-    compare CAF with 2-RF this way."""
-    from flowjax.methods import table  # the table imports this module
-
-    c = table.for_method(reflow, 'caf')
-    c.caf.update(couplings=reflow.reflow.couplings, init=reflow.reflow.init, h=h, ivc=ivc)
-    c.flow.time = 'grid'
-    return c
 
 
 METHOD = method.Method(name='caf', run=run, check=check, section=defaults, references=('caf.couplings', 'caf.init'))

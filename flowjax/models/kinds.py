@@ -211,21 +211,24 @@ class ConstantAcceleration:
     def _v0(self, params: Any, x: jax.Array, t: float, label: jax.Array | None) -> jax.Array:
         return self.initial_velocity(params['velocity'], x, jnp.full((x.shape[0],), t, jnp.float32), label=label)
 
+    def _solve(self, params: Any, x: jax.Array, sampler: solvers.Sampler, t0: float, t1: float,
+               label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The solve from t0 to t1 with v0 = v(x, t0) of the start; (x at t1, nfe with the v0 call)."""
+        x_end, nfe = solvers.solve(self.field(params, self._v0(params, x, t0, label), label), x, sampler,
+                                   t0=t0, t1=t1)
+        return x_end, nfe + 1
+
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Noise x0 -> data from t = 0 (eps unused); (x1, nfe) with the v0 call counted."""
+        """Noise x0 -> data from t = 0 (eps unused) with v0 = v(x0, 0); (x1, nfe) with the v0 call counted."""
         del eps
-        x1, nfe = solvers.solve(self.field(params, self._v0(params, x0, 0.0, label), label), x0, sampler,
-                                t0=0.0, t1=1.0)
-        return x1, nfe + 1
+        return self._solve(params, x0, sampler, 0.0, 1.0, label)
 
     def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Data x1 -> noise at t = 0 with v0 = v(x1, 1); (x0, nfe)."""
         del eps
-        x0, nfe = solvers.solve(self.field(params, self._v0(params, x1, 1.0, label), label), x1, sampler,
-                                t0=1.0, t1=0.0)
-        return x0, nfe + 1
+        return self._solve(params, x1, sampler, 1.0, 0.0, label)
 
     def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
                     label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
