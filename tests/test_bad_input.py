@@ -2,7 +2,8 @@
 what was expected (the last line on stderr, after any progress log; no traceback), exit status 2,
 and nothing already written changed.
 
-Each row of CASES runs `python -m flowjax.main` once. `{name}` in an argument is replaced by a path
+Each row of CASES runs `python -m flowjax.main` once (through `cli_server`: one process imports
+flowjax, each run is a fork of it). `{name}` in an argument is replaced by a path
 from the `made` fixture (teachers, coupling stores and workdirs built once for the module), `{new}`
 by a fresh empty directory.
 """
@@ -10,13 +11,12 @@ by a fresh empty directory.
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+import cli_server
 from conftest import ROOT, experiment_config
 from flowjax import checkpoint, generate, models, train
 from flowjax.data import couplings
@@ -171,6 +171,14 @@ def made(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='module')
+def cli():
+    """`python -m flowjax.main` on 8 CPU devices, from one server process that imported flowjax once."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    with cli_server.Server(env) as server:
+        yield server
+
+
 def _snapshot(root) -> dict[str, str]:
     """Every file under `root` -> a hash of its bytes."""
     return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
@@ -178,18 +186,16 @@ def _snapshot(root) -> dict[str, str]:
 
 
 @pytest.mark.parametrize('case, args, fragments', CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_harmless(made, tmp_path, case, args, fragments):
+def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
              **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained', 'caf_a')}}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
     before = _snapshot(made), _snapshot(tmp_path)
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-    done = subprocess.run([sys.executable, '-m', 'flowjax.main', *(a.format(**paths) for a in args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if line.startswith('flowjax: error: ')]
-    assert done.returncode == 2 and len(errors) == 1, f'{case}: status {done.returncode}\n{done.stderr[-3000:]}'
-    assert 'Traceback' not in done.stderr and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr[-3000:]
+    status, _, stderr = cli.run([a.format(**paths) for a in args], cwd=ROOT)
+    errors = [line for line in stderr.splitlines() if line.startswith('flowjax: error: ')]
+    assert status == 2 and len(errors) == 1, f'{case}: status {status}\n{stderr[-3000:]}'
+    assert 'Traceback' not in stderr and stderr.strip().splitlines()[-1] == errors[0], stderr[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], f'{case}: {fragment!r} not in {errors[0]!r}'
     for old, new in zip(before, (_snapshot(made), _snapshot(tmp_path))):
