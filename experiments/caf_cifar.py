@@ -78,8 +78,8 @@ def get_config(arg=None):
         couplings.generate.update(num_pairs=48, batch_size=16, shard_size=32, sampler='euler@4')
         reflow.train.update(steps=4, batch_size=16, warmup_steps=2, log_every=2, checkpoint_every=4)
         reflow.lpips.resize = 16  # the smallest VGG16 takes
-        evaluate.eval.update(metric='none', num_samples=32, samplers=('euler@1', 'caf@1'), preservation=16,
-                             reconstruction=16)
+        evaluate.eval.update(metric='none', num_samples=32, samplers=('euler@1', 'caf@1'), preservation=8,
+                             reconstruction=8)
         evaluate.lpips.resize = 16
     if arg.steps:
         reflow.train.steps = arg.steps

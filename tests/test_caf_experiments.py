@@ -137,7 +137,7 @@ def test_caf_cifar_runlocal_on_mock_cifar10(tmp_path):
         _stand_in_teacher(config, tmp_path / 'teacher_export')
         pipeline.run(config, str(tmp_path / 'run'))
     report = _check_run(tmp_path / 'run')
-    cell = report['caf']['caf@1']  # runlocal scores no FID; PSNR of 16 reconstructions and stored pairs
+    cell = report['caf']['caf@1']  # runlocal scores no FID; PSNR of 8 reconstructions and stored pairs
     assert 'fid' not in cell and (cell['nfe'], cell['reconstruction_nfe'], cell['preservation_nfe']) == (2, 3, 2)
     assert all(np.isfinite(cell[k]) for k in ('reconstruction_psnr', 'preservation_psnr'))
     meta = json.loads((tmp_path / 'run' / 'caf' / 'export' / 'meta.json').read_text())

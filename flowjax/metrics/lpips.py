@@ -175,16 +175,17 @@ def load(vgg_path: str | None, head_path: str | None = None, *, resize: int | No
     return LPIPS(resize=resize, pool=pool), params_from_torch(vgg, heads)
 
 
-def check_config(config: Any, image_shape: tuple[int, ...]) -> None:
+def check_config(config: Any, image_shape: tuple[int, ...], load: Callable[[Any], Any] | None = None) -> None:
     """Static checks of a config's `lpips` section for images of `image_shape` (H, W, C): the pooling,
-    the size VGG16 sees and that the VGG16 weights file exists (one-line errors naming the field)."""
+    the size VGG16 sees and that the VGG16 weights file exists (one-line errors naming the field).
+    A missing file is reported by `load(config)` (default `from_config`), which raises that error."""
     if config.pool not in ('max', 'avg'):
         raise errors.ConfigError(f"lpips.pool={config.pool!r}: expected 'max' or 'avg'")
     if (config.resize or min(image_shape[:2])) < 16:  # VGG16 pools four times before its last tap
         raise errors.ConfigError(f'lpips.resize={config.resize}: LPIPS needs images of at least 16x16; '
                                  'set lpips.resize (e.g. 64)')
     if not config.vgg_weights or not epath.Path(config.vgg_weights).exists():
-        from_config(config)  # raises the one-line error saying which file and where to get it
+        (load or from_config)(config)  # raises the one-line error saying which file and where to get it
 
 
 def from_config(config: Any) -> tuple[LPIPS, dict]:
