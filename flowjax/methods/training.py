@@ -146,16 +146,17 @@ def context(config: ml_collections.ConfigDict, mesh, *, options: Any = None,
 
 def fit(config: ml_collections.ConfigDict, workdir: str, method: method_lib.Method, *, loss_fn,
         batches: Callable[[Any], Callable[[int], dict]], init_params: Any = None, options: Any = None,
-        teacher: kinds.Model | None = None) -> dict:
+        teacher: kinds.Model | None = None, kind: Any = None) -> dict:
     """Trains `config.model` with `loss_fn` and evaluates its EMA weights (`evaluate.evaluate`).
 
     The caller (the `method` running) has checked the config (`check_training` and its own
     section); a resumed run must match the method's `identity` of the config.
-    `batches(mesh)` builds the step -> global batch function; `teacher` is a loaded model.
+    `batches(mesh)` builds the step -> global batch function; `teacher` is a loaded model; `kind` the
+    model kind trained (default: the velocity field of config.model).
     """
     mesh = sharding.data_mesh()
-    kind = kinds.from_config(config)
-    ctx = context(config, mesh, options=options, teacher=teacher)
+    kind = kinds.from_config(config) if kind is None else kind
+    ctx = context(config, mesh, options=options, teacher=teacher, kind=kind)
     if init_params is not None:
         init_params = jax.device_put(init_params, sharding.replicated(mesh))
     state = train.train(config, workdir, kind=kind, loss_fn=loss_fn, ctx=ctx, batches=batches(mesh),

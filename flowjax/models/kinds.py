@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from flowjax import errors, models
-from flowjax.flows import solvers
+from flowjax.flows import diffusion, solvers
 
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -38,6 +38,8 @@ class _VelocityKind:
     """What every velocity-giving kind shares: sampling and inversion by integrating `apply`."""
 
     name: ClassVar[str] = 'velocity'
+    # The forward marginal of the path it was trained on (PeRFlow noises data to a window start by it).
+    process: ClassVar[diffusion.Process] = diffusion.Linear()
     num_classes: int
     apply: Callable[..., jax.Array]  # (params, x, t, dropout_rng=None, label=None) -> v
 
@@ -46,6 +48,11 @@ class _VelocityKind:
         if label is None:
             return functools.partial(self.apply, params)
         return functools.partial(self.apply, params, label=label)
+
+    def solve(self, params: Any, x: jax.Array, sampler: solvers.Sampler, *, t0: solvers.Time, t1: solvers.Time,
+              label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The ODE from t0 to t1 (floats, or per-example (B,) windows) with `sampler`; (x at t1, nfe)."""
+        return solvers.solve(self.velocity(params, label), x, sampler, t0=t0, t1=t1)
 
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
