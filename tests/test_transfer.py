@@ -93,6 +93,7 @@ def test_transfer_refuses_bad_fields_and_mismatched_exports(tmp_path, exports):
 
 def test_a_transfer_stage_resolves_stage_names(tmp_path, exports):
     stage = _stage(tmp_path, base='base', tuned='tuned', target='target')
+    stage.eval.update(samplers=('euler@2',), num_samples=64, straightness_steps=4, trajectories=4)
     standins = {}
     for name in ('base', 'tuned', 'target'):
         standins[name] = _config()
@@ -101,7 +102,8 @@ def test_a_transfer_stage_resolves_stage_names(tmp_path, exports):
     plan = pipeline.plan(config, str(tmp_path / 'run'))
     assert {f: plan.configs['plugged'].transfer[f] for f in transfer.FIELDS} == {
         f: str(tmp_path / f) for f in transfer.FIELDS}
-    pipeline.run(config, str(tmp_path / 'run'))
+    results = pipeline.run(config, str(tmp_path / 'run'))
+    assert 'euler@2' in json.dumps(results['plugged']) and (tmp_path / 'run' / 'report.md').exists()
     params, meta = checkpoint.load_export(tmp_path / 'run' / 'plugged')
     assert meta['transfer']['base']['path'] == str(tmp_path / 'base')
     assert json.loads((tmp_path / 'run' / 'plugged' / pipeline.MARKER).read_text())['method'] == 'transfer'

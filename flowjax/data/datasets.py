@@ -47,7 +47,8 @@ def classes(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
 
 
 def check_classes(config: ml_collections.ConfigDict) -> None:
-    """`data.classes` is None or a non-empty tuple of distinct int ids, and only with image data."""
+    """`data.classes` is None or a non-empty tuple of distinct int ids, and only with image data
+    (docs/methods.md, Rectified flow (1-RF), class subsets)."""
     value = config.data.get('classes')
     if value is None:
         return

@@ -28,7 +28,7 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
 
 
 def defaults() -> ml_collections.ConfigDict:
-    """`config.rf` (docs/methods.md, Rectified flow (1-RF), fine-tuning)."""
+    """`config.rf`: fine-tuning from an export (docs/methods.md, Rectified flow (1-RF))."""
     c = ml_collections.ConfigDict()
     # an export (or stage) whose weights start training, a velocity field of config.model's network
     # (fine-tuning, e.g. on a data.classes subset); None: fresh weights

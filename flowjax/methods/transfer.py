@@ -1,4 +1,4 @@
-"""Weight transfer (plug-and-play, docs/methods.md, Weight transfer): the change training made to
+"""Weight transfer (docs/methods.md, Weight transfer (plug-and-play)): the change training made to
 a base model (`tuned` - `base`, e.g. a PeRFlow student of the base teacher) added to another model
 fine-tuned from the same base (`target`), without training:
 
