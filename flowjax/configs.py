@@ -27,6 +27,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.kind = 'toy2d'
     c.data.target = ml_collections.ConfigDict({'name': '8gaussians'})
     c.data.source = ml_collections.ConfigDict({'name': 'normal'})
+    # Labelled images only: the class ids whose images every reader sees (training batches, forward
+    # pairs, evaluation's real images); None: all (docs/methods.md, Rectified flow (1-RF)).
+    c.data.classes = config_dict.placeholder(tuple)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'mlp'

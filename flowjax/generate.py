@@ -96,7 +96,7 @@ def _image_endpoints(config: ml_collections.ConfigDict, direction: str) -> Endpo
         return datasets.read_rows(config, data_rows(config.seed, ids, count), labels)
 
     return Endpoints(shape=shape, noise=noise, data=None, read=read,
-                     spec={**spec, 'image': config.data.image.to_dict(), 'num_images': count})
+                     spec={**spec, 'image': datasets.image_spec(config), 'num_images': count})
 
 
 @functools.lru_cache(maxsize=2)
@@ -214,7 +214,7 @@ def _check_labels(config: ml_collections.ConfigDict, classes: int) -> None:
     """Forward image pairs of a class-conditional teacher take their images' labels: refused in one
     line when the images have none, or labels the teacher does not know."""
     labels = datasets.load_images(config)[1]
-    spec = config.data.image.to_dict()
+    spec = datasets.image_spec(config)
     if labels is None:
         raise errors.UserError(f'generate.teacher: a class-conditional teacher (num_classes={classes}) needs '
                                f'labelled images for forward pairs; data.image ({spec}) has no labels')

@@ -26,6 +26,7 @@ from flowjax.models import kinds
 TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
 TOY_PIPELINE = '--config=experiments/toy2d_reflow.py:runlocal'
 TOY_CAF = '--config=experiments/caf_toy2d.py:runlocal'
+DIGITS_PIPELINE = '--config=experiments/digits_reflow.py:runlocal'
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -101,6 +102,20 @@ CASES = [
                          '--config.data.image.data_dir={new}'], ["'cifar10'", 'not prepared', 'data.image.data_dir']),
     ('missing FID weights', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}', '--config.eval.metric=fid'],
      ['eval.inception_weights', 'Inception weights']),
+    ('rf.init export missing', [TOY_RF, '--workdir={new}', '--config.rf.init={new}/nothing'],
+     ['nothing', 'no exported model here']),
+    ('rf.init of another network', [TOY_RF, '--workdir={new}', '--config.rf.init={trained}',
+                                    '--config.model.features=(16,)'], ['rf.init', 'differs from model']),
+    ('rf.init not a velocity field', [TOY_RF, '--workdir={new}', '--config.rf.init={caf_a}'],
+     ['rf.init', "model of kind 'caf'", "velocity field (kind 'velocity')"]),
+    ('data.classes on toy data', [TOY_RF, '--workdir={new}', '--config.data.classes=(0,1)'],
+     ['data.classes=(0, 1)', 'labelled images', "data.kind='toy2d'"]),
+    ('data.classes not class ids', [DIGITS_PIPELINE, '--workdir={new}', '--config.teacher.data.classes=(1.5,)'],
+     ['teacher.data.classes=(1.5,)', 'tuple of distinct class ids']),
+    ('data.classes a string', [DIGITS_PIPELINE, '--workdir={new}', "--config.teacher.data.classes='3'"],
+     ['data.classes', 'tuple of distinct class ids']),
+    ('data.classes absent from the images', [DIGITS_PIPELINE, '--workdir={new}', '--config.teacher.data.classes=(0,12)'],
+     ['data.classes=(0, 12)', 'has label 12', 'labels 0..9']),
     ('reconstruction beyond the held-out sample', [TOY_RF, '--workdir={new}', '--config.eval.reconstruction=300'],
      ['eval.reconstruction=300', 'more than the 256 points', 'eval.num_samples']),
     ('preservation beyond the stored pairs', [TOY_PIPELINE, '--workdir={pipeline_copy}',

@@ -3,6 +3,7 @@
     data.kind = 'image'
     data.image = {'name': 'digits'}          # or tfds / npz / folder (see images.py)
     data.flip = True                          # random horizontal flip of training images
+    data.classes = (0, 1)                     # only these labels' images (None: all)
 
 Images are x1 (t = 1), NHWC in [-1, 1]; their noise x0 is a standard normal of the same shape.
 """
@@ -28,6 +29,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     kind = config.data.kind
     if kind not in KINDS:
         raise errors.ConfigError(f"data.kind={kind!r}: expected one of {', '.join(KINDS)}")
+    check_classes(config)
     if kind == 'toy2d':
         toy2d.check_config(config)
         return
@@ -38,19 +40,61 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f"data.source={config.data.source.to_dict()}: images use {{'name': 'normal'}} noise")
 
 
+def classes(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """`data.classes`: the class ids whose images are read, or None for all."""
+    value = config.data.get('classes')
+    return None if value is None else tuple(value)
+
+
+def check_classes(config: ml_collections.ConfigDict) -> None:
+    """`data.classes` is None or a non-empty tuple of distinct int ids, and only with image data
+    (docs/methods.md, Rectified flow (1-RF), class subsets)."""
+    value = config.data.get('classes')
+    if value is None:
+        return
+    if (not isinstance(value, tuple | list) or not value or len(set(value)) != len(value)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)):
+        raise errors.ConfigError(f'data.classes={value!r}: expected None (all) or a non-empty tuple of distinct '
+                                 'class ids (ints >= 0)')
+    if config.data.kind != 'image':
+        raise errors.ConfigError(f"data.classes={tuple(value)!r}: class subsets need labelled images "
+                                 f"(data.kind='image'), not data.kind={config.data.kind!r}")
+
+
+def image_spec(config: ml_collections.ConfigDict) -> dict:
+    """What the images read depend on, for manifests and caches: `data.image`, and `data.classes` when set."""
+    spec = config.data.image.to_dict()
+    return spec if classes(config) is None else {**spec, 'classes': list(classes(config))}
+
+
 def take(data, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of a loaded image dataset (an array or a source on disk), float32 in [-1, 1]."""
     return images.as_source(data).take(ids)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_images(spec_json: str):
-    return images.load(ml_collections.ConfigDict(json.loads(spec_json)), 'data.image')
+def _load_images(spec_json: str, wanted: tuple[int, ...] | None):
+    data, labels = images.load(ml_collections.ConfigDict(json.loads(spec_json)), 'data.image')
+    if wanted is None:
+        return data, labels
+    if labels is None:
+        raise errors.UserError(f'data.classes={wanted!r}: the images of data.image ({spec_json}) have no labels')
+    labels = np.asarray(labels[np.arange(len(labels))], np.int32)
+    missing = sorted(set(wanted) - set(np.unique(labels).tolist()))
+    if missing:
+        raise errors.UserError(f'data.classes={wanted!r}: no image of data.image ({spec_json}) has label '
+                               f'{missing[0]} (labels {int(labels.min())}..{int(labels.max())})')
+    rows = np.flatnonzero(np.isin(labels, wanted))
+    if isinstance(data, np.ndarray):
+        return data[rows], labels[rows]
+    return images.Subset(data, rows), labels[rows]
 
 
 def load_images(config: ml_collections.ConfigDict):
-    """(images, labels) of `config.data.image`, loaded once per process."""
-    return _load_images(config.data.image.to_json(sort_keys=True))
+    """(images, labels) of `config.data.image`, only the images of `data.classes` when set (then in
+    their stored order, the labels an array), loaded once per process: every reader of the images
+    (training batches, forward pairs, evaluation) goes through here."""
+    return _load_images(config.data.image.to_json(sort_keys=True), classes(config))
 
 
 def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:

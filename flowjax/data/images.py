@@ -185,6 +185,27 @@ class ArrayImages:
         return self.take(ids), None
 
 
+class Subset:
+    """Rows `rows` of a source on disk (e.g. a `TfdsImages`), renumbered 0..len - 1; its labels
+    are an array beside it (`data.classes`)."""
+
+    labels = None
+
+    def __init__(self, source, rows: np.ndarray):
+        self._source, self._rows = as_source(source), np.asarray(rows)
+        self.shape = self._source.shape
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        return self._source.take(self._rows[ids])
+
+    def read(self, ids: np.ndarray, labels: bool = False) -> tuple[np.ndarray, None]:
+        del labels  # Its labels are an array beside it.
+        return self.take(ids), None
+
+
 def as_source(images: 'np.ndarray | TfdsImages | ArrayImages') -> 'TfdsImages | ArrayImages':
     """A dataset `load` returned, as an object with `len`, `shape` (H, W, C), `take` and `read`."""
     return ArrayImages(images) if isinstance(images, np.ndarray) else images

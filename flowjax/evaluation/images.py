@@ -114,7 +114,7 @@ class Embedder:
 
 
 def _stats_path(workdir: epath.Path, config: ml_collections.ConfigDict, metric: str) -> epath.Path:
-    spec = {'data': config.data.image.to_dict(), 'flip': datasets.flip(config), 'metric': metric}
+    spec = {'data': datasets.image_spec(config), 'flip': datasets.flip(config), 'metric': metric}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return workdir / f'{metric}_stats_{digest}.npz'
 

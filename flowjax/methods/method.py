@@ -30,6 +30,12 @@ from flowjax.flows import objective
 # its evaluation uses the LPIPS network (`Method.sections`).
 TRAINING_READS = ('data', 'model', 'flow', 'train', 'eval')
 
+# Fields added after checkpoints and pipelines were written, with the value that means "unused"
+# (what the code before them did). `identity` leaves such a field out while it holds that value,
+# and drops a section left empty by that, so a stage that does not use it keeps its pipeline
+# fingerprint; a checkpoint's config that lacks it still matches (`default_identity`).
+LATER_FIELDS = {'data.classes': None, 'rf.init': None}
+
 
 def flow_uses_lpips(config: ml_collections.ConfigDict) -> bool:
     """Whether the config's flow loss needs the LPIPS network (then `config.lpips` is read)."""
@@ -89,10 +95,18 @@ class Method:
 
     def identity(self, config: ml_collections.ConfigDict) -> dict:
         """The part of `config` that defines this stage's outputs, as plain JSON data: every
-        top-level field that is not a section, and the sections it reads (`sections`)."""
+        top-level field that is not a section, and the sections it reads (`sections`), less the
+        LATER_FIELDS at their unused value."""
         data = json.loads(config.to_json())
         keep = set(self.sections(config))
-        return {k: v for k, v in data.items() if not isinstance(v, dict) or k in keep}
+        out = {k: v for k, v in data.items() if not isinstance(v, dict) or k in keep}
+        for field, unused in LATER_FIELDS.items():
+            section, name = field.split('.')
+            if isinstance(out.get(section), dict) and name in out[section] and out[section][name] == unused:
+                del out[section][name]
+                if not out[section]:
+                    del out[section]
+        return out
 
     def default_identity(self) -> dict:
         """`identity` of the defaults: what an older checkpoint that lacks a field is compared with."""

@@ -3,7 +3,9 @@ velocity x1 - x0 (docs/methods.md, Rectified flow (1-RF))."""
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
+from flowjax import errors
 from flowjax.data import datasets
 from flowjax.flows import paths
 from flowjax.methods import method, training
@@ -25,17 +27,34 @@ def loss_fn(params, batch: dict, rng: jax.Array, ctx: training.Context):
                                   perceptual=ctx.distance_fn())
 
 
-check = training.check_training
+def defaults() -> ml_collections.ConfigDict:
+    """`config.rf`: fine-tuning from an export (docs/methods.md, Rectified flow (1-RF))."""
+    c = ml_collections.ConfigDict()
+    # an export (or stage) whose weights start training, a velocity field of config.model's network
+    # (fine-tuning, e.g. on a data.classes subset); None: fresh weights
+    c.init = config_dict.placeholder(str)
+    return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Static checks of the shared sections and `rf.init` (a non-empty path or stage name, or None)."""
+    training.check_training(config)
+    init = config.rf.get('init') if 'rf' in config else None
+    if init is not None and (not isinstance(init, str) or not init):
+        raise errors.ConfigError(f'rf.init={init!r}: expected an export directory or stage name, or None (fresh)')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains a 1-RF model on `config.data`, exports its EMA weights, evaluates them."""
+    """Trains a 1-RF model on `config.data` from fresh weights or `rf.init`'s, exports its EMA
+    weights, evaluates them."""
     check(config)
+    init = config.rf.get('init') if 'rf' in config else None
+    params = training.load_model(init, 'rf.init', config).params if init else None
 
     def batches(mesh):
         return datasets.make_batches(config, mesh, config.train.batch_size, config.seed)
 
-    return training.fit(config, workdir, METHOD, loss_fn=loss_fn, batches=batches)
+    return training.fit(config, workdir, METHOD, loss_fn=loss_fn, batches=batches, init_params=params)
 
 
-METHOD = method.Method(name='rf', run=run, check=check)
+METHOD = method.Method(name='rf', run=run, check=check, section=defaults, references=('rf.init',))

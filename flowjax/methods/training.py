@@ -107,7 +107,8 @@ def check_training(config: ml_collections.ConfigDict, kind_of: Callable[[ml_coll
 TRAINING_ONLY_FIELDS = ('dropout',)
 
 
-def _architecture(model: dict) -> dict:
+def architecture(model: dict) -> dict:
+    """A network config (an export's meta 'model') without its TRAINING_ONLY_FIELDS."""
     return {k: v for k, v in model.items() if k not in TRAINING_ONLY_FIELDS}
 
 
@@ -121,7 +122,7 @@ def load_model(path: str, field: str, config: ml_collections.ConfigDict | None =
     if config is not None and not isinstance(kind, kinds.VelocityField):
         raise errors.ConfigError(f'{field}: {path} holds a model of kind {kind.name!r}; a student starts from a '
                                  f'velocity field (kind {kinds.VelocityField.name!r})')
-    if config is not None and _architecture(meta['model']) != _architecture(json.loads(config.model.to_json())):
+    if config is not None and architecture(meta['model']) != architecture(json.loads(config.model.to_json())):
         raise errors.ConfigError(
             f'{field}: the model exported in {path} ({meta["model"]}) differs from model ({config.model.to_json()})')
     return kinds.Model(kind, params, meta)
