@@ -27,6 +27,9 @@ TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
 TOY_PIPELINE = '--config=experiments/toy2d_reflow.py:runlocal'
 TOY_CAF = '--config=experiments/caf_toy2d.py:runlocal'
 DIGITS_PIPELINE = '--config=experiments/digits_reflow.py:runlocal'
+TOY_PERFLOW = '--config=experiments/perflow_toy2d.py:runlocal'
+PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",)',
+                 '--config.perflow_k4.perflow.teacher={teacher_a}']
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -148,6 +151,34 @@ CASES = [
                                                     '--config.reflow.reflow.online_teacher={teacher_a}',
                                                     '--config.reflow.reflow.online_sampler=caf@4'],
      ["reflow.online_sampler='caf@4'", 'does not apply', "kind 'velocity'"]),
+    # PeRFlow (docs/methods.md, PeRFlow): the perflow section of perflow_toy2d's stage 'perflow_k4'; the teacher
+    # checks run against teacher_a (a velocity field) and caf_a. More refusals: tests/test_perflow.py.
+    ('PeRFlow windows = 0', [TOY_PERFLOW, '--workdir={new}', '--config.perflow_k4.perflow.windows=0'],
+     ['perflow_k4.perflow.windows=0', 'integer >= 1']),
+    ('PeRFlow fewer grid points than windows', [TOY_PERFLOW, '--workdir={new}',
+                                                '--config.perflow_k4.perflow.grid_points=2'],
+     ['perflow_k4.perflow.grid_points=2', 'integer >= perflow.windows (4)']),
+    ('PeRFlow adaptive teacher sampler', [TOY_PERFLOW, '--workdir={new}',
+                                          '--config.perflow_k4.perflow.teacher_sampler=rk45'],
+     ["perflow_k4.perflow.teacher_sampler='rk45'", 'fixed-step sampler']),
+    ('PeRFlow unknown teacher sampler', [TOY_PERFLOW, '--workdir={new}',
+                                         '--config.perflow_k4.perflow.teacher_sampler=eulr@2'],
+     ['perflow_k4.perflow.teacher_sampler', "unknown solver 'eulr'"]),
+    ('PeRFlow unknown parameterization', [TOY_PERFLOW, '--workdir={new}',
+                                          '--config.perflow_k4.perflow.parameterization=x0'],
+     ["perflow_k4.perflow.parameterization='x0'", 'velocity, ddim_eps, diff_eps']),
+    ('PeRFlow flow time', [TOY_PERFLOW, '--workdir={new}', '--config.perflow_k4.flow.time=grid'],
+     ["perflow_k4.flow.time='grid'", 'perflow draws its own times']),
+    ('PeRFlow teacher missing', [TOY_PERFLOW, '--workdir={new}', '--config.perflow_k4.perflow.teacher='],
+     ['perflow_k4.perflow.teacher', 'is required']),
+    ('PeRFlow eps parameterization of a rectified-flow teacher',
+     [*PERFLOW_ALONE, '--config.perflow_k4.perflow.parameterization=ddim_eps'],
+     ["perflow.parameterization='ddim_eps'", 'needs a VP (ddpm) teacher', 'linear process']),
+    ('PeRFlow CAF teacher', [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",)',
+                             '--config.perflow_k4.perflow.teacher={caf_a}'],
+     ['perflow.teacher', "model of kind 'caf'", 'not a caf or piecewise model']),
+    ('PeRFlow teacher sampler of another kind', [*PERFLOW_ALONE, '--config.perflow_k4.perflow.teacher_sampler=caf@2'],
+     ["perflow.teacher_sampler='caf@2'", 'does not apply to the teacher', "kind 'velocity'"]),
 ]
 
 

@@ -9,6 +9,8 @@ method trained a model, so any kind can be a teacher.
                students (the kind of every export written before kinds existed)
     caf        constant acceleration flow: a velocity network v(x, t) and an acceleration
                network a(x, t, v0) (docs/methods.md, CAF)
+    piecewise  PeRFlow: one network read as a straight line's velocity on each of K time windows,
+               each window solved on its own (docs/methods.md, PeRFlow)
 
 A kind is a frozen, hashable dataclass (it keys jit caches). Every kind has `sample`, `invert`,
 `reconstruct` (invert, then regenerate), `path` (the Euler path straightness is measured on),
@@ -30,6 +32,7 @@ import ml_collections
 
 from flowjax import errors, models
 from flowjax.flows import diffusion, solvers
+from flowjax.flows import windows as windows_lib
 
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -269,8 +272,173 @@ class ConstantAcceleration:
                 'ivc': self.ivc}
 
 
-KINDS = {VelocityField.name: VelocityField, ConstantAcceleration.name: ConstantAcceleration}  # meta 'kind' -> class
-Kind = VelocityField | VelocityFunction | ConstantAcceleration
+# ---------------------------------------------------------------------------------------------------------------
+# PeRFlow: the piecewise kind (docs/methods.md, PeRFlow). One network of `model`, read as the velocity of a
+# straight line on each of K windows of [0, 1]; sampling solves every window on its own.
+
+
+@dataclasses.dataclass(frozen=True)
+class Piecewise:
+    """A PeRFlow student (docs/methods.md, PeRFlow): one network of the architecture `model` (sorted JSON)
+    whose prediction at (x, t) in window [s, e] = [w / K, (w + 1) / K) (K = `windows`) is the velocity
+    of the window's straight line, directly (`parameterization` 'velocity') or through an eps
+    prediction ('ddim_eps', 'diff_eps': `windows.eps_velocity` with the window's (lam, eta) of the
+    teacher's `process`, a VP one).
+
+    Sampling spreads N steps of `sampler` over the K windows (N raised to K if smaller, the remainder
+    to the first windows; `windows.split_steps`), evenly spaced inside each, and solves each window
+    on its own from s to e with that window's velocity, so every boundary w / K is hit exactly; the
+    NFE is the sum of the windows' (N for euler@N, N >= K). rk45 runs adaptively per window.
+    Sampling starts at t = 0 whatever eps (the windows tile [0, 1]); inversion walks the windows
+    backwards from 1 to 0 with the same steps. caf@N, ddim@N and EDM grids do not apply (`supports`).
+    """
+
+    name: ClassVar[str] = 'piecewise'
+    model: str
+    windows: int = 4
+    parameterization: str = 'velocity'
+    process: diffusion.Process = diffusion.Linear()
+
+    def __post_init__(self):
+        if isinstance(self.windows, bool) or not isinstance(self.windows, int) or self.windows < 1:
+            raise ValueError(f'piecewise kind: windows={self.windows!r}: must be an integer >= 1')
+        if self.parameterization not in windows_lib.PARAMETERIZATIONS:
+            raise ValueError(f'piecewise kind: parameterization={self.parameterization!r}: expected one of '
+                             f"{', '.join(windows_lib.PARAMETERIZATIONS)}")
+        if self.parameterization in windows_lib.EPS_PARAMETERIZATIONS and not isinstance(self.process, diffusion.VP):
+            raise ValueError(f'piecewise kind: parameterization={self.parameterization!r} needs a VP process, got '
+                             f'{self.process.name!r}')
+
+    @classmethod
+    def from_model_config(cls, config: ml_collections.ConfigDict | dict, *, windows: int = 4,
+                          parameterization: str = 'velocity',
+                          process: diffusion.Process = diffusion.Linear()) -> 'Piecewise':
+        return cls(VelocityField.from_model_config(config).model, windows, parameterization, process)
+
+    @classmethod
+    def from_export_meta(cls, meta: dict) -> 'Piecewise':
+        """The kind an export's meta.json records (`meta`)."""
+        return cls.from_model_config(meta['model'], windows=int(meta['windows']),
+                                     parameterization=meta['parameterization'],
+                                     process=diffusion.from_meta(meta['process']))
+
+    # The network: VelocityField's, of the same `model`.
+    @functools.cached_property
+    def network(self) -> VelocityField:
+        return VelocityField(self.model)
+
+    @property
+    def model_config(self) -> ml_collections.ConfigDict:
+        return self.network.model_config
+
+    @property
+    def module(self):
+        return self.network.module
+
+    @property
+    def num_classes(self) -> int:
+        return self.network.num_classes
+
+    @property
+    def apply(self) -> Callable[..., jax.Array]:
+        """The network's training call `apply(params, x, t, dropout_rng=None, label=None)`: its prediction."""
+        return self.network.apply
+
+    def init(self, key: jax.Array, sample_shape: tuple[int, ...]) -> Any:
+        return self.network.init(key, sample_shape)
+
+    # The windows.
+    def window_coefficients(self, s: solvers.Time, e: solvers.Time) -> tuple[jax.Array, jax.Array]:
+        """(lam, eta) of window [s, e] for an eps parameterisation (z_e = lam z_s + eta eps)."""
+        return windows_lib.coefficients(self.parameterization, self.process, s, e)
+
+    def target(self, z_s: jax.Array, z_e: jax.Array, s: jax.Array, e: jax.Array) -> jax.Array:
+        """The training target of the line from z_s (at s) to z_e (at e): its velocity, or eps* for an eps
+        parameterisation (the same at every t of the window)."""
+        if self.parameterization == 'velocity':
+            return windows_lib.line_velocity(z_s, z_e, s, e)
+        return windows_lib.eps_target(z_s, z_e, *self.window_coefficients(s, e))
+
+    def window_velocity(self, params: Any, s: float, e: float, label: jax.Array | None = None) -> Velocity:
+        """v(x, t) on window [s, e]: the network's prediction read as the window line's velocity."""
+        predict = self.network.velocity(params, label)
+        if self.parameterization == 'velocity':
+            return predict
+        lam, eta = self.window_coefficients(s, e)
+        return lambda x, t: windows_lib.eps_velocity(x, predict(x, t), t, s, e, lam, eta)
+
+    def window_steps(self, sampler: Any) -> tuple[int, ...] | None:
+        """The steps of each window (`windows.split_steps` of the sampler's N), None for adaptive rk45."""
+        steps = getattr(sampler, 'steps', None)
+        return None if steps is None else windows_lib.split_steps(steps, self.windows)
+
+    def _solve(self, params: Any, x: jax.Array, sampler: Any, label: jax.Array | None,
+               inverse: bool) -> tuple[jax.Array, jax.Array]:
+        """Every window solved on its own, noise to data (or backwards); (x at the far end, summed nfe)."""
+        steps, spans = self.window_steps(sampler), windows_lib.bounds(self.windows)
+        nfe = jnp.zeros((), jnp.int32)
+        for w in reversed(range(self.windows)) if inverse else range(self.windows):
+            s, e = spans[w]
+            part = sampler if steps is None else dataclasses.replace(sampler, steps=steps[w])
+            x, n = solvers.solve(self.window_velocity(params, s, e, label), x, part, t0=e if inverse else s,
+                                 t1=s if inverse else e)
+            nfe = nfe + n
+        return x, nfe
+
+    def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Noise x0 at t = 0 (eps unused) -> data, window by window; (x1, nfe)."""
+        del eps
+        return self._solve(params, x0, sampler, label, inverse=False)
+
+    def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data x1 -> noise at t = 0, the windows walked backwards; (x0, nfe)."""
+        del eps
+        return self._solve(params, x1, sampler, label, inverse=True)
+
+    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data -> noise -> data with `sampler` both ways; (x1 regenerated, nfe of both)."""
+        z, nfe_in = self.invert(params, x1, sampler, eps=eps, label=label)
+        x, nfe_out = self.sample(params, z, sampler, eps=eps, label=label)
+        return x, nfe_in + nfe_out
+
+    def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
+             label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(xs, vs): the Euler path from 0 to 1, `steps` spread over the windows as in sampling, each
+        window's steps with its own velocity; xs has one row per step and the start."""
+        del eps
+        xs, vs = [x0[None]], []
+        for (s, e), n in zip(windows_lib.bounds(self.windows), windows_lib.split_steps(steps, self.windows)):
+            part_x, part_v = solvers.trajectory(self.window_velocity(params, s, e, label), xs[-1][-1], steps=n,
+                                                t0=s, t1=e)
+            xs.append(part_x[1:])
+            vs.append(part_v)
+        return jnp.concatenate(xs, axis=0), jnp.concatenate(vs, axis=0)
+
+    def start(self, eps: float) -> float:
+        """The windows tile [0, 1]: solves start at t = 0."""
+        return 0.0
+
+    def supports(self, sampler: solvers.Sampler) -> bool:
+        """Fixed-step euler, heun, midpoint on the uniform grid (N spread over the windows) and rk45
+        (adaptive per window); not caf@N (a CAF model's), ddim@N (a diffusion model's) nor EDM grids."""
+        return (getattr(sampler, 'name', None) not in ('caf', 'ddim')
+                and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid))
+
+    def meta(self) -> dict:
+        """What an export's meta.json records of the kind."""
+        return {'kind': self.name, 'model': json.loads(self.model), 'windows': self.windows,
+                'parameterization': self.parameterization, 'process': self.process.meta()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+KINDS = {VelocityField.name: VelocityField, ConstantAcceleration.name: ConstantAcceleration,
+         Piecewise.name: Piecewise}  # meta 'kind' -> class
+Kind = VelocityField | VelocityFunction | ConstantAcceleration | Piecewise
 
 
 def _jsonable(data: dict) -> dict:
@@ -293,6 +461,8 @@ def from_meta(meta: dict, where: str = 'export') -> Kind:
     if name == ConstantAcceleration.name:
         return ConstantAcceleration.from_model_config(meta['model'], channels=meta['channels'], h=meta['h'],
                                                       ivc=meta['ivc'])
+    if name == Piecewise.name:
+        return Piecewise.from_export_meta(meta)
     return KINDS[name].from_model_config(meta['model'])
 
 
