@@ -94,9 +94,8 @@ def get_config(arg=None):
     stages['finetune'] = _finetune(teacher, arg.teacher, arg.steps, arg.runlocal)
     for seed in seeds:
         stages[f'ft_s{seed}'] = _perflow(recipe, 'finetune', arg.teacher, 4, param, arg.steps, seed)
-        plug = table.config('transfer')
-        plug.update({k: copy.deepcopy(recipe.evaluate[k]) for k in ('data', 'model', 'eval')})
-        plug.eval.samplers = ()
+        plug = table.for_method(recipe.evaluate, 'transfer')
+        plug.eval.update(samplers=(), models=())
         plug.transfer.update(base='teacher', tuned=f'k4_s{seed}', target='finetune')
         stages[f'plug_s{seed}'] = plug
 
@@ -120,8 +119,7 @@ def get_config(arg=None):
     plug.eval.models = ('finetune', *(f'{p}_s{s}' for p in ('plug', 'ft') for s in seeds))
     plug.eval.couplings = None
     plug.eval.samplers = samplers
-    plug.eval.groups = {'finetune': ('finetune',) * arg.seeds,
-                        **{p: tuple(f'{p}_s{s}' for s in seeds) for p in ('plug', 'ft')}}
+    plug.eval.groups = {p: tuple(f'{p}_s{s}' for s in seeds) for p in ('plug', 'ft')}
     plug.eval.differences = {
         'plug - finetune': ('plug', 'finetune', *same),
         'ft - plug': ('ft', 'plug', *same),

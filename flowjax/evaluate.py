@@ -49,18 +49,21 @@ def check(config: ml_collections.ConfigDict) -> None:
         field = f'eval.differences.{name}'
         if not isinstance(pair, (tuple, list)) or len(pair) < 2 or not all(isinstance(g, str) for g in pair):
             raise errors.ConfigError(f"{field}={pair!r}: expected (group_a, group_b[, 'key_a=key_b', ...]), two groups "
-                                     'of eval.groups and optional sampler column pairs')
+                                     'of eval.groups (or a group and one model of eval.models) and optional sampler '
+                                     'column pairs')
         samplers = [s.key for s in job.parse_samplers(config)]
         for column in pair[2:]:
             keys = column.split('=')
             if len(keys) != 2 or not all(k in samplers for k in keys):
                 raise errors.ConfigError(f"{field}: column pair {column!r}: expected 'key_a=key_b' with both keys "
                                          f"samplers of eval.samplers ({', '.join(samplers)})")
-        for group in pair[:2]:
-            if group not in groups:
-                raise errors.ConfigError(f"{field}: {group!r} is not a group of eval.groups "
-                                         f"({', '.join(groups) or 'none'})")
-        if len(groups[pair[0]]) != len(groups[pair[1]]):
+        if pair[0] not in groups:
+            raise errors.ConfigError(f"{field}: {pair[0]!r} is not a group of eval.groups "
+                                     f"({', '.join(groups) or 'none'})")
+        if pair[1] not in groups and pair[1] not in labels:
+            raise errors.ConfigError(f"{field}: {pair[1]!r} is neither a group of eval.groups "
+                                     f"({', '.join(groups) or 'none'}) nor a model of eval.models ({known})")
+        if pair[1] in groups and len(groups[pair[0]]) != len(groups[pair[1]]):
             raise errors.ConfigError(f'{field}: groups {pair[0]!r} and {pair[1]!r} have {len(groups[pair[0]])} and '
                                      f'{len(groups[pair[1]])} models; paired differences need as many in each')
 

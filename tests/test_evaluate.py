@@ -353,10 +353,14 @@ def test_paired_differences_between_named_columns():
                                [-0.75, np.std([-0.5, -1.0], ddof=1)])
     same = report.paired_differences(merged, groups, {'d': ('a', 'a', 'caf@1=caf@1')})['d']
     assert same['caf@1']['w2']['mean'] == 0.0
+    # a model in place of group_b: every a_i against that one model
+    one = report.paired_differences(merged, groups, {'d': ('a', 'b1', 'caf@1=euler@1')})['d']
+    assert one['pairs'] == [['a0', 'b1'], ['a1', 'b1']] and one['caf@1 - euler@1']['w2']['mean'] == -1.5
 
 
 @pytest.mark.parametrize('differences, fragment', [
-    ({'d': ('seeds', 'nope')}, "eval.differences.d: 'nope' is not a group of eval.groups (one, seeds)"),
+    ({'d': ('seeds', 'nope')}, "eval.differences.d: 'nope' is neither a group of eval.groups (one, seeds) nor a model"),
+    ({'d': ('nope', 'seeds')}, "eval.differences.d: 'nope' is not a group of eval.groups (one, seeds)"),
     ({'d': ('seeds',)}, "eval.differences.d=('seeds',): expected (group_a, group_b"),
     ({'d': ('seeds', 'one')}, "groups 'seeds' and 'one' have 2 and 1 models"),
     ({'d': ('seeds', 'seeds', 'euler@1=caf@9')}, "eval.differences.d: column pair 'euler@1=caf@9': expected "

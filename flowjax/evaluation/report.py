@@ -207,7 +207,8 @@ def _paired(values: Sequence[float | None]) -> dict[str, Any]:
 def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[str]],
                        differences: Mapping[str, Sequence[str]]) -> dict[str, dict]:
     """For each `name: (group_a, group_b[, 'key_a=key_b', ...])`: the differences a_i - b_i of every
-    score the i-th models of the two groups share (e.g. the same seed in two arms), summarised as
+    score the i-th models of the two groups share (e.g. the same seed in two arms; `group_b` may also
+    name one model, then b_i is that model for every i), summarised as
     mean / std / min / max / n and the paired t statistic. Column pairs 'key_a=key_b' compare a's
     sampler cell key_a with b's key_b instead of equal keys (CAF's caf@1 with 2-RF's euler@1: the same
     step count), stored under 'key_a - key_b'. Per difference: {'pairs': [[a_i, b_i], ...],
@@ -216,7 +217,8 @@ def paired_differences(report: Mapping[str, Any], groups: Mapping[str, Sequence[
     """
     out = {}
     for name, (group_a, group_b, *columns) in differences.items():
-        pairs = list(zip(groups[group_a], groups[group_b]))
+        b = groups[group_b] if group_b in groups else (group_b,) * len(groups[group_a])
+        pairs = list(zip(groups[group_a], b))
         entries = [(report[a], report[b]) for a, b in pairs]
         stats: dict[str, Any] = {'pairs': [list(p) for p in pairs]}
         first_a, first_b = entries[0]
