@@ -11,7 +11,7 @@ import copy
 import ml_collections
 
 from flowjax import evaluate, generate
-from flowjax.methods import caf, distill, method, reflow, rf, slimflow_distill, slimflow_reflow
+from flowjax.methods import caf, ddpm, distill, method, reflow, rf, slimflow_distill, slimflow_reflow
 
 METHODS: dict[str, method.Method] = {m.name: m for m in (
     rf.METHOD,
@@ -21,6 +21,7 @@ METHODS: dict[str, method.Method] = {m.name: m for m in (
     slimflow_reflow.METHOD,
     slimflow_distill.METHOD,
     caf.METHOD,
+    ddpm.METHOD,
     evaluate.METHOD,
 )}
 PIPELINE = 'pipeline'  # a list of stages (flowjax/pipeline.py), dispatched by main
