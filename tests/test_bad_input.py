@@ -30,6 +30,7 @@ DIGITS_PIPELINE = '--config=experiments/digits_reflow.py:runlocal'
 TOY_PERFLOW = '--config=experiments/perflow_toy2d.py:runlocal'
 PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",)',
                  '--config.perflow_k4.perflow.teacher={teacher_a}']
+TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -179,6 +180,20 @@ CASES = [
      ['perflow.teacher', "model of kind 'caf'", 'not a caf or piecewise model']),
     ('PeRFlow teacher sampler of another kind', [*PERFLOW_ALONE, '--config.perflow_k4.perflow.teacher_sampler=caf@2'],
      ["perflow.teacher_sampler='caf@2'", 'does not apply to the teacher', "kind 'velocity'"]),
+    # ddpm (docs/methods.md, Diffusion teacher (ddpm)): the ddpm section of ddpm_toy2d, its flow.time, and ddim@N
+    # for a velocity model. More bad values (of ddpm.init too): tests/test_ddpm.py.
+    ('ddpm schedule', [TOY_DDPM, '--workdir={new}', '--config.ddpm.schedule=quadratic'],
+     ["ddpm.schedule='quadratic'", 'expected one of linear, cosine']),
+    ('ddpm timesteps < 2', [TOY_DDPM, '--workdir={new}', '--config.ddpm.timesteps=1'],
+     ['ddpm.timesteps=1', 'must be an integer >= 2']),
+    ('ddpm init missing', [TOY_DDPM, '--workdir={new}', '--config.ddpm.init={new}/nothing'],
+     ['ddpm.init: ', 'nothing: no exported model here']),
+    ('ddpm init not a ddpm export', [TOY_DDPM, '--workdir={new}', '--config.ddpm.init={teacher_a}'],
+     ['ddpm.init', "model of kind 'velocity'", "a ddpm run starts from a ddpm export (kind 'ddpm')"]),
+    ('flow time of a ddpm run', [TOY_DDPM, '--workdir={new}', '--config.flow.time=u_shaped'],
+     ["flow.time='u_shaped'", 'ddpm draws its own times, k uniform in {1..T}']),
+    ('ddim@N to train a velocity model', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("ddim@4",)'],
+     ["eval.samplers=('ddim@4',)", "none applies to a model of kind 'velocity'"]),
 ]
 
 

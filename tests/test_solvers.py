@@ -212,7 +212,7 @@ def test_parse_sampler_good(spec, key, steps):
 
 @pytest.mark.parametrize('spec,needle', [
     ('eulr@4', "unknown solver 'eulr' "
-               '(expected one of euler, heun, midpoint, caf, rk45)'),
+               '(expected one of euler, heun, midpoint, caf, ddim, rk45)'),
     ('euler@0', 'steps must be an integer >= 1'),
     ('euler@-3', 'steps must be an integer >= 1'),
     ('heun@2.5', 'steps must be an integer >= 1'),
@@ -250,7 +250,7 @@ def test_sampler_validates_and_keys():
         solvers.Sampler('heun', 0)
     with pytest.raises(ValueError, match='takes no step count'):
         solvers.Sampler('rk45', 4)
-    assert solvers.SOLVERS == ('euler', 'heun', 'midpoint', 'caf', 'rk45')
+    assert solvers.SOLVERS == ('euler', 'heun', 'midpoint', 'caf', 'ddim', 'rk45')
 
 
 def test_make_sampler_params_are_arguments():

@@ -1,5 +1,5 @@
 """ODE solvers for rectified flows: fixed-step Euler/Heun/midpoint, CAF's
-constant-acceleration update, and rk45.
+constant-acceleration update, DDIM, and rk45.
 
 Convention: t = 0 is noise, t = 1 is data. A velocity is a callable
 `v(x, t)` with x of shape (B, ...) and t of shape (B,) float32. Sampling
@@ -18,7 +18,8 @@ A solver is a frozen, hashable dataclass (it keys jit caches) with
     integrates its own window [t0_i, t1_i]. `nfe` is an int32 scalar counting
     velocity calls.
 Fixed-step solvers (`FixedStepSolver` subclasses: `Euler`, `Heun`,
-`Midpoint`) take `steps` and a time `grid`, and add
+`Midpoint`, `ConstantAcceleration`, `DDIM`) take `steps` and a time `grid`,
+and add
   * `nfe_per_step` and `init_nfe` (calls made by `init`), so that
     nfe = init_nfe + nfe_per_step * steps;
   * `init(velocity, x, t) -> state`: per-call state at the start time t;
@@ -35,7 +36,11 @@ to cache; an entry in `FIXED_STEP` makes it reachable from specs.
 `ConstantAcceleration` ('caf@N') steps the field of a constant-acceleration
 model (`Accelerated`: dx/dt = v0 + t a(x, t), docs/methods.md, CAF) exactly
 while a is constant over a step; the other solvers integrate that field as
-any velocity. `RK45` is adaptive Dopri5. `Sampler` is the spec object that callers hold
+any velocity. `DDIM` ('ddim@N') steps the field of an eps-prediction
+diffusion model (`EpsField`: its probability-flow velocity, docs/methods.md,
+Diffusion teacher (ddpm)) by the DDIM (eta = 0) jump; the other solvers
+integrate that probability-flow ODE. Either refuses any other field. `RK45`
+is adaptive Dopri5. `Sampler` is the spec object that callers hold
 (`parse_sampler` makes it): it names a solver and delegates to it.
 
 Per-example times
@@ -85,11 +90,13 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from flowjax.flows import diffusion
+
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Time = float | jax.Array  # a scalar, or per-example (B,)
 
-SOLVERS = ('euler', 'heun', 'midpoint', 'caf', 'rk45')
+SOLVERS = ('euler', 'heun', 'midpoint', 'caf', 'ddim', 'rk45')
 _ALIASES = {'dopri5': 'rk45'}
 _GRID_SPECS = 'uniform, edm, edm=RHO'
 _EDM_RHO = 7.0
@@ -385,7 +392,35 @@ class ConstantAcceleration(FixedStepSolver):
         return (x + dx).astype(x.dtype), state
 
 
-FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint, 'caf': ConstantAcceleration}
+class EpsField:
+    """The probability-flow field of an eps-prediction diffusion model along one solve: `eps(x, t)` its
+    network's noise prediction, `process` its noising process (diffusion.VP); called as a velocity it is
+    alpha'(t) x1_hat + sigma'(t) eps, so every solver integrates the probability-flow ODE, and `DDIM`
+    ('ddim@N') uses eps directly (docs/methods.md, Diffusion teacher (ddpm))."""
+
+    def __init__(self, eps: Velocity, process: diffusion.Process):
+        self.eps, self.process = eps, process
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        return diffusion.eps_velocity(self.process, x, self.eps(x, t), t)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM(FixedStepSolver):
+    """DDIM (eta = 0) on an `EpsField`: x' = alpha(t + dt) x1_hat + sigma(t + dt) eps(x, t), forward
+    (dt > 0) as DDIM samples, backward (dt < 0) as DDIM inverts (docs/methods.md, Diffusion teacher (ddpm))."""
+    name: ClassVar[str] = 'ddim'
+    nfe_per_step: ClassVar[int] = 1
+
+    def step(self, velocity, x, t, dt, state):
+        if not isinstance(velocity, EpsField):
+            raise ValueError("sampler 'ddim@N' steps an eps-prediction diffusion model (kind 'ddpm'); a "
+                             'velocity field takes euler, heun, midpoint or rk45')
+        eps = _v(velocity.eps, x, t)
+        return diffusion.ddim_step(velocity.process, x, eps, t, t + dt), state
+
+
+FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint, 'caf': ConstantAcceleration, 'ddim': DDIM}
 
 
 # ------------------------------------------------------------------- rk45

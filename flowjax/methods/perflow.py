@@ -16,7 +16,6 @@ as a model of kind 'piecewise' (windowed sampling, `kinds.Piecewise`).
 """
 
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -144,9 +143,7 @@ def _start(model: kinds.Model, path: str, field: str, config: ml_collections.Con
     if isinstance(model.kind, kinds.ConstantAcceleration) or 'model' not in model.meta:
         raise errors.ConfigError(f'{field}: {path} holds a model of kind {model.kind.name!r}; the student starts from '
                                  'one network of config.model')
-    if training.architecture(model.meta['model']) != training.architecture(json.loads(config.model.to_json())):
-        raise errors.ConfigError(f'{field}: the model exported in {path} ({model.meta["model"]}) differs from model '
-                                 f'({config.model.to_json()})')
+    training.check_network(path, field, model.meta, config)
     return model.params
 
 

@@ -11,8 +11,8 @@ import copy
 import ml_collections
 
 from flowjax import evaluate, generate
-from flowjax.methods import (caf, distill, method, perflow, reflow, rf, slimflow_distill, slimflow_reflow,
-                             transfer)
+from flowjax.methods import (caf, ddpm, distill, method, perflow, reflow, rf, slimflow_distill,
+                             slimflow_reflow, transfer)
 
 METHODS: dict[str, method.Method] = {m.name: m for m in (
     rf.METHOD,
@@ -22,6 +22,7 @@ METHODS: dict[str, method.Method] = {m.name: m for m in (
     slimflow_reflow.METHOD,
     slimflow_distill.METHOD,
     caf.METHOD,
+    ddpm.METHOD,
     perflow.METHOD,
     transfer.METHOD,
     evaluate.METHOD,

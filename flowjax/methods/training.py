@@ -112,6 +112,14 @@ def architecture(model: dict) -> dict:
     return {k: v for k, v in model.items() if k not in TRAINING_ONLY_FIELDS}
 
 
+def check_network(path: str, field: str, meta: dict, config: ml_collections.ConfigDict) -> None:
+    """A one-line ConfigError unless the network exported in `path` (its `meta`) is config.model's, up
+    to TRAINING_ONLY_FIELDS such as dropout: a run starting from that export's weights."""
+    if architecture(meta['model']) != architecture(json.loads(config.model.to_json())):
+        raise errors.ConfigError(
+            f'{field}: the model exported in {path} ({meta["model"]}) differs from model ({config.model.to_json()})')
+
+
 def load_model(path: str, field: str, config: ml_collections.ConfigDict | None = None) -> kinds.Model:
     """The model (kind, params, meta) of an export; with `config` (a student starting from it), it
     must be a velocity field whose network is config.model's (up to TRAINING_ONLY_FIELDS such as dropout)."""
@@ -122,9 +130,8 @@ def load_model(path: str, field: str, config: ml_collections.ConfigDict | None =
     if config is not None and not isinstance(kind, kinds.VelocityField):
         raise errors.ConfigError(f'{field}: {path} holds a model of kind {kind.name!r}; a student starts from a '
                                  f'velocity field (kind {kinds.VelocityField.name!r})')
-    if config is not None and architecture(meta['model']) != architecture(json.loads(config.model.to_json())):
-        raise errors.ConfigError(
-            f'{field}: the model exported in {path} ({meta["model"]}) differs from model ({config.model.to_json()})')
+    if config is not None:
+        check_network(path, field, meta, config)
     return kinds.Model(kind, params, meta)
 
 

@@ -9,15 +9,16 @@ method trained a model, so any kind can be a teacher.
                students (the kind of every export written before kinds existed)
     caf        constant acceleration flow: a velocity network v(x, t) and an acceleration
                network a(x, t, v0) (docs/methods.md, CAF)
+    ddpm       a diffusion teacher: one network eps(x, t[, label]) predicting the noise of a VP
+               process, read as its probability-flow velocity (docs/methods.md, Diffusion teacher (ddpm))
     piecewise  PeRFlow: one network read as a straight line's velocity on each of K time windows,
                each window solved on its own (docs/methods.md, PeRFlow)
 
 A kind is a frozen, hashable dataclass (it keys jit caches). Every kind has `sample`, `invert`,
 `reconstruct` (invert, then regenerate), `path` (the Euler path straightness is measured on),
 `start` (the time its solves start at), `supports(sampler)` and, for exports, `meta`; a kind
-with a velocity of (x, t) alone also has `velocity` and `apply`. Later kinds add their own
-fields and updates behind the same interface: PeRFlow windowed sampling, a diffusion teacher its
-eps network read as a velocity.
+with a velocity of (x, t) alone also has `velocity`, `solve` and `apply`. Later kinds add their own
+fields and updates behind the same interface: PeRFlow windowed sampling.
 """
 
 import dataclasses
@@ -84,20 +85,22 @@ class _VelocityKind:
         return eps
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Whether `sampler` applies to this kind (caf@N steps constant-acceleration models only)."""
-        return sampler.name != 'caf'
+        """Whether `sampler` applies to this kind (caf@N steps constant-acceleration models only, ddim@N
+        eps models of kind 'ddpm')."""
+        return sampler.name not in ('caf', 'ddim')
 
 
-@dataclasses.dataclass(frozen=True)
-class VelocityField(_VelocityKind):
-    """One network giving the velocity v(x, t[, label]); `model` is its config as sorted JSON."""
+class _OneNetwork:
+    """A kind of one network of config `model` (sorted JSON) called `apply(params, x, t, dropout_rng=None,
+    label=None)`: its module, class count and initialisation."""
 
     model: str
 
     @classmethod
-    def from_model_config(cls, config: ml_collections.ConfigDict | dict) -> 'VelocityField':
+    def from_model_config(cls, config: ml_collections.ConfigDict | dict, **fields):
+        """The kind of network config `config` (and the kind's other `fields`)."""
         data = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-        return cls(json.dumps(_jsonable(data), sort_keys=True))
+        return cls(json.dumps(_jsonable(data), sort_keys=True), **fields)
 
     @property
     def model_config(self) -> ml_collections.ConfigDict:
@@ -122,9 +125,78 @@ class VelocityField(_VelocityKind):
         label = (jnp.zeros((1,), jnp.int32),) if self.num_classes else ()
         return self.module.init(key, dummy, jnp.zeros((1,), jnp.float32), *label)
 
+
+@dataclasses.dataclass(frozen=True)
+class VelocityField(_OneNetwork, _VelocityKind):
+    """One network giving the velocity v(x, t[, label]); `model` is its config as sorted JSON."""
+
+    model: str
+
     def meta(self) -> dict:
         """What an export's meta.json records of the kind."""
         return {'kind': self.name, 'model': json.loads(self.model)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion(_OneNetwork, _VelocityKind):
+    """A DDPM teacher (docs/methods.md, Diffusion teacher (ddpm)): one network eps(x, t[, label]) predicting
+    the noise of x_t = alpha(t) x1 + sigma(t) eps under the VP process of `schedule` and `timesteps`
+    (`process`, flowjax time t = 1 - k / T). Its velocity is the probability-flow field
+    (`solvers.EpsField`), which ddim@N steps by DDIM and every other sampler integrates.
+
+    Sampling starts at t = 0 (k = T, pure noise) whatever eps, and runs to 1; inversion runs from 1 to 0.
+    EDM grids are refused (they need t > 0 at the noise end), and so is caf@N.
+    """
+
+    name: ClassVar[str] = 'ddpm'
+    model: str
+    schedule: str = 'linear'
+    timesteps: int = 1000
+
+    @functools.cached_property
+    def process(self) -> diffusion.VP:
+        """The VP process of the schedule and step count (ValueError for bad ones)."""
+        return diffusion.VP(self.schedule, self.timesteps)
+
+    def eps(self, params: Any, label: jax.Array | None = None) -> Velocity:
+        """eps(x, t): the network's noise prediction of these params (class `label` (B,) if conditional)."""
+        return _VelocityKind.velocity(self, params, label)
+
+    def velocity(self, params: Any, label: jax.Array | None = None) -> solvers.EpsField:
+        """The probability-flow velocity of eps(x, t), an `EpsField` (ddim@N reads its eps)."""
+        return solvers.EpsField(self.eps(params, label), self.process)
+
+    def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Noise x0 -> data from t = 0 (eps unused) to 1; (x1, nfe)."""
+        del eps
+        return self.solve(params, x0, sampler, t0=0.0, t1=1.0, label=label)
+
+    def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data x1 -> noise, from t = 1 to 0 (eps unused); (x0, nfe)."""
+        del eps
+        return self.solve(params, x1, sampler, t0=1.0, t1=0.0, label=label)
+
+    def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
+             label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(xs, vs): the Euler path of the probability-flow ODE from 0 to 1 and its step velocities."""
+        del eps
+        return solvers.trajectory(self.velocity(params, label), x0, steps=steps, t0=0.0, t1=1.0)
+
+    def start(self, eps: float) -> float:
+        """A diffusion model's solves start at t = 0, its last step k = T."""
+        return 0.0
+
+    def supports(self, sampler: solvers.Sampler) -> bool:
+        """Every sampler on the uniform time grid but caf@N: ddim@N is DDIM, the others integrate the
+        probability-flow ODE; an EDM grid does not apply (its sigma = (1 - t) / t is infinite at t = 0)."""
+        return sampler.name != 'caf' and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
+
+    def meta(self) -> dict:
+        """What an export's meta.json records of the kind."""
+        return {'kind': self.name, 'model': json.loads(self.model), 'schedule': self.schedule,
+                'timesteps': self.timesteps}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,10 +333,10 @@ class ConstantAcceleration:
         return 0.0
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Every sampler on the uniform time grid: caf@N is CAF's own update, the others integrate
-        its field. An EDM grid does not apply: CAF's solves start at t = 0, where its sigma = (1 - t) / t
-        is infinite (docs/methods.md, CAF)."""
-        return not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
+        """Every sampler on the uniform time grid but ddim@N (eps models only): caf@N is CAF's own update,
+        the others integrate its field. An EDM grid does not apply: CAF's solves start at t = 0, where its
+        sigma = (1 - t) / t is infinite (docs/methods.md, CAF)."""
+        return sampler.name != 'ddim' and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
 
     def meta(self) -> dict:
         """What an export's meta.json records of the kind."""
@@ -278,7 +350,7 @@ class ConstantAcceleration:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piecewise:
+class Piecewise(_OneNetwork):
     """A PeRFlow student (docs/methods.md, PeRFlow): one network of the architecture `model` (sorted JSON)
     whose prediction at (x, t) in window [s, e] = [w / K, (w + 1) / K) (K = `windows`) is the velocity
     of the window's straight line, directly (`parameterization` 'velocity') or through an eps
@@ -310,42 +382,11 @@ class Piecewise:
                              f'{self.process.name!r}')
 
     @classmethod
-    def from_model_config(cls, config: ml_collections.ConfigDict | dict, *, windows: int = 4,
-                          parameterization: str = 'velocity',
-                          process: diffusion.Process = diffusion.Linear()) -> 'Piecewise':
-        return cls(VelocityField.from_model_config(config).model, windows, parameterization, process)
-
-    @classmethod
     def from_export_meta(cls, meta: dict) -> 'Piecewise':
         """The kind an export's meta.json records (`meta`)."""
         return cls.from_model_config(meta['model'], windows=int(meta['windows']),
                                      parameterization=meta['parameterization'],
                                      process=diffusion.from_meta(meta['process']))
-
-    # The network: VelocityField's, of the same `model`.
-    @functools.cached_property
-    def network(self) -> VelocityField:
-        return VelocityField(self.model)
-
-    @property
-    def model_config(self) -> ml_collections.ConfigDict:
-        return self.network.model_config
-
-    @property
-    def module(self):
-        return self.network.module
-
-    @property
-    def num_classes(self) -> int:
-        return self.network.num_classes
-
-    @property
-    def apply(self) -> Callable[..., jax.Array]:
-        """The network's training call `apply(params, x, t, dropout_rng=None, label=None)`: its prediction."""
-        return self.network.apply
-
-    def init(self, key: jax.Array, sample_shape: tuple[int, ...]) -> Any:
-        return self.network.init(key, sample_shape)
 
     # The windows.
     def window_coefficients(self, s: solvers.Time, e: solvers.Time) -> tuple[jax.Array, jax.Array]:
@@ -361,7 +402,7 @@ class Piecewise:
 
     def window_velocity(self, params: Any, s: float, e: float, label: jax.Array | None = None) -> Velocity:
         """v(x, t) on window [s, e]: the network's prediction read as the window line's velocity."""
-        predict = self.network.velocity(params, label)
+        predict = functools.partial(self.apply, params, label=label)
         if self.parameterization == 'velocity':
             return predict
         lam, eta = self.window_coefficients(s, e)
@@ -436,9 +477,9 @@ class Piecewise:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-KINDS = {VelocityField.name: VelocityField, ConstantAcceleration.name: ConstantAcceleration,
+KINDS = {VelocityField.name: VelocityField, Diffusion.name: Diffusion, ConstantAcceleration.name: ConstantAcceleration,
          Piecewise.name: Piecewise}  # meta 'kind' -> class
-Kind = VelocityField | VelocityFunction | ConstantAcceleration | Piecewise
+Kind = VelocityField | VelocityFunction | Diffusion | ConstantAcceleration | Piecewise
 
 
 def _jsonable(data: dict) -> dict:
@@ -461,6 +502,8 @@ def from_meta(meta: dict, where: str = 'export') -> Kind:
     if name == ConstantAcceleration.name:
         return ConstantAcceleration.from_model_config(meta['model'], channels=meta['channels'], h=meta['h'],
                                                       ivc=meta['ivc'])
+    if name == Diffusion.name:
+        return Diffusion.from_model_config(meta['model'], schedule=meta['schedule'], timesteps=int(meta['timesteps']))
     if name == Piecewise.name:
         return Piecewise.from_export_meta(meta)
     return KINDS[name].from_model_config(meta['model'])
