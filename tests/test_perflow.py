@@ -49,8 +49,8 @@ class AnalyticPiecewise(kinds.Piecewise):
     fn: object = _affine
 
     @property
-    def network(self):
-        return kinds.VelocityFunction(self.fn)
+    def apply(self):
+        return self.fn
 
 
 def _kind(windows_=4, parameterization='velocity', process=diffusion.Linear(), fn=_affine):
