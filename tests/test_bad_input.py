@@ -31,6 +31,8 @@ TOY_PERFLOW = '--config=experiments/perflow_toy2d.py:runlocal'
 PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",)',
                  '--config.perflow_k4.perflow.teacher={teacher_a}']
 TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
+PF_DIGITS = '--config=experiments/perflow_digits.py:runlocal,seeds=1'
+TRANSFER_ALONE = [PF_DIGITS, '--workdir={new}', '--config.stages=("plug_s0",)']
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -180,6 +182,20 @@ CASES = [
      ['perflow.teacher', "model of kind 'caf'", 'not a caf or piecewise model']),
     ('PeRFlow teacher sampler of another kind', [*PERFLOW_ALONE, '--config.perflow_k4.perflow.teacher_sampler=caf@2'],
      ["perflow.teacher_sampler='caf@2'", 'does not apply to the teacher', "kind 'velocity'"]),
+    # transfer (docs/methods.md, Weight transfer (plug-and-play)): perflow_digits' stage plug_s0, alone with
+    # exports given for its three models. More refusals: tests/test_transfer.py.
+    ('transfer scale not finite', [PF_DIGITS, '--workdir={new}', '--config.plug_s0.transfer.scale=inf'],
+     ['plug_s0.transfer.scale=inf', 'must be a finite number']),
+    ('transfer base missing', [PF_DIGITS, '--workdir={new}', '--config.plug_s0.transfer.base='],
+     ['plug_s0.transfer.base', 'is required']),
+    ('transfer export missing', [*TRANSFER_ALONE, '--config.plug_s0.transfer.base={new}/nothing',
+                                 '--config.plug_s0.transfer.tuned={teacher_a}',
+                                 '--config.plug_s0.transfer.target={teacher_a}'],
+     ['transfer.base', 'nothing']),
+    ('transfer parameters differ', [*TRANSFER_ALONE, '--config.plug_s0.transfer.base={teacher_a}',
+                                    '--config.plug_s0.transfer.tuned={caf_a}',
+                                    '--config.plug_s0.transfer.target={teacher_a}'],
+     ['transfer.tuned', 'parameter']),
     # ddpm (docs/methods.md, Diffusion teacher (ddpm)): the ddpm section of ddpm_toy2d, its flow.time, and ddim@N
     # for a velocity model. More bad values (of ddpm.init too): tests/test_ddpm.py.
     ('ddpm schedule', [TOY_DDPM, '--workdir={new}', '--config.ddpm.schedule=quadratic'],

@@ -19,7 +19,7 @@ from conftest import experiment_config
 from flowjax import checkpoint, configs, errors, evaluate, generate, sharding, train
 from flowjax.data import couplings
 from flowjax.flows import diffusion, objective, solvers
-from flowjax.methods import ddpm, reflow, table, training
+from flowjax.methods import ddpm, perflow, reflow, table, training
 from flowjax.models import kinds
 
 MLP = {'name': 'mlp', 'features': (16, 16), 'time_dim': 16, 'dropout': 0.0}
@@ -400,6 +400,27 @@ def test_a_ddpm_export_is_a_teacher_but_not_a_students_start(toy, tmp_path):
         training.load_model(str(root / 'run'), 'reflow.init', student)
     assert str(e.value) == (f"reflow.init: {root / 'run'} holds a model of kind 'ddpm'; a student starts from a "
                             "velocity field (kind 'velocity')")
+
+
+def test_a_ddpm_export_is_a_perflow_teacher(toy, tmp_path, parameterization='diff_eps'):
+    """perflow.teacher: a PeRFlow student of the ddpm teacher (its windows' pairs solved with ddim@2, the VP
+    process noising data to each window's start) starts from the teacher's eps weights and exports a
+    piecewise model with the teacher's VP process, which samples with euler@4 (NFE 4, finite)."""
+    root, config, params = toy
+    student = table.for_method(config, 'perflow')
+    student.perflow.update(teacher=str(root / 'run'), teacher_sampler='ddim@2', parameterization=parameterization)
+    student.train.update(steps=2, lr=1e-30, ema_decay=0.0)  # one tiny step: the export is the teacher's weights
+    student.eval.samplers = ('euler@4',)
+    perflow.run(student, str(tmp_path / 'perflow'))
+    got, meta = checkpoint.load_export(tmp_path / 'perflow')
+    assert (meta['kind'], meta['parameterization'], meta['process']) == (
+        'piecewise', parameterization, {'name': 'vp', 'schedule': 'linear', 'timesteps': 1000})
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    kind = kinds.from_meta(meta)
+    x, nfe = kind.sample(got, _normal(3, (16, 2)), solvers.parse_sampler('euler@4'), eps=1e-3)
+    assert int(nfe) == 4 and np.isfinite(np.asarray(x)).all()
+    assert (tmp_path / 'perflow' / 'report.json').exists()
 
 
 def test_an_evaluate_stage_scores_a_ddpm_export_beside_a_velocity_field(toy, tmp_path):
