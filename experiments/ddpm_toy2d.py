@@ -17,20 +17,12 @@ SAMPLERS = ('ddim@1', 'ddim@4', 'ddim@16', 'euler@16', 'rk45')
 
 
 def get_config(arg=None):
+    """toy2d_rf.py's recipe (network, batch, optimiser) trained as a ddpm model, twice as long."""
     arg = configs.parse_arg(arg, runlocal=False, target='8gaussians', schedule='linear', timesteps=1000)
-    config = table.config('ddpm')
-    config.data.target.name = arg.target
+    config = table.for_method(configs.experiment(__file__, 'toy2d_rf', f'target={arg.target}'), 'ddpm')
     config.ddpm.schedule = arg.schedule
     config.ddpm.timesteps = arg.timesteps
-
-    config.model.features = (128, 128, 128)
     config.train.steps = 10000
-    config.train.batch_size = 512
-    config.train.lr = 2e-3
-    config.train.warmup_steps = 200
-    config.train.ema_decay = 0.999
-    config.train.log_every = 500
-    config.train.checkpoint_every = 2000
     config.eval.samplers = SAMPLERS
 
     if arg.runlocal:

@@ -180,6 +180,8 @@ CASES = [
     ('PeRFlow CAF teacher', [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",)',
                              '--config.perflow_k4.perflow.teacher={caf_a}'],
      ['perflow.teacher', "model of kind 'caf'", 'not a caf or piecewise model']),
+    ('PeRFlow start of another kind', [*PERFLOW_ALONE, '--config.perflow_k4.perflow.init={caf_a}'],
+     ['perflow.init', "model of kind 'caf'", 'the student starts from one network']),
     ('PeRFlow teacher sampler of another kind', [*PERFLOW_ALONE, '--config.perflow_k4.perflow.teacher_sampler=caf@2'],
      ["perflow.teacher_sampler='caf@2'", 'does not apply to the teacher', "kind 'velocity'"]),
     # transfer (docs/methods.md, Weight transfer (plug-and-play)): perflow_digits' stage plug_s0, alone with
@@ -188,6 +190,8 @@ CASES = [
      ['plug_s0.transfer.scale=inf', 'must be a finite number']),
     ('transfer base missing', [PF_DIGITS, '--workdir={new}', '--config.plug_s0.transfer.base='],
      ['plug_s0.transfer.base', 'is required']),
+    ('transfer target missing', [PF_DIGITS, '--workdir={new}', '--config.plug_s0.transfer.target='],
+     ['plug_s0.transfer.target', 'is required']),
     ('transfer export missing', [*TRANSFER_ALONE, '--config.plug_s0.transfer.base={new}/nothing',
                                  '--config.plug_s0.transfer.tuned={teacher_a}',
                                  '--config.plug_s0.transfer.target={teacher_a}'],

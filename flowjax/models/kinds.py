@@ -38,7 +38,18 @@ from flowjax.flows import windows as windows_lib
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-class _VelocityKind:
+class _RoundTrip:
+    """`reconstruct` of a kind whose sampling and inversion are independent solves."""
+
+    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
+                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data -> noise -> data with `sampler` both ways; (x1 regenerated, nfe of both solves)."""
+        z, nfe_in = self.invert(params, x1, sampler, eps=eps, label=label)
+        x, nfe_out = self.sample(params, z, sampler, eps=eps, label=label)
+        return x, nfe_in + nfe_out
+
+
+class _VelocityKind(_RoundTrip):
     """What every velocity-giving kind shares: sampling and inversion by integrating `apply`."""
 
     name: ClassVar[str] = 'velocity'
@@ -67,13 +78,6 @@ class _VelocityKind:
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Data x1 -> noise: the ODE from t = 1 to eps; (x0, nfe)."""
         return solvers.invert(self.velocity(params, label), x1, sampler, eps=eps)
-
-    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
-                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Data -> noise -> data with `sampler` both ways; (x1 regenerated, nfe of both solves)."""
-        z, nfe_in = self.invert(params, x1, sampler, eps=eps, label=label)
-        x, nfe_out = self.sample(params, z, sampler, eps=eps, label=label)
-        return x, nfe_in + nfe_out
 
     def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
              label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -350,7 +354,7 @@ class ConstantAcceleration:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piecewise(_OneNetwork):
+class Piecewise(_OneNetwork, _RoundTrip):
     """A PeRFlow student (docs/methods.md, PeRFlow): one network of the architecture `model` (sorted JSON)
     whose prediction at (x, t) in window [s, e] = [w / K, (w + 1) / K) (K = `windows`) is the velocity
     of the window's straight line, directly (`parameterization` 'velocity') or through an eps
@@ -437,13 +441,6 @@ class Piecewise(_OneNetwork):
         """Data x1 -> noise at t = 0, the windows walked backwards; (x0, nfe)."""
         del eps
         return self._solve(params, x1, sampler, label, inverse=True)
-
-    def reconstruct(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
-                    label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Data -> noise -> data with `sampler` both ways; (x1 regenerated, nfe of both)."""
-        z, nfe_in = self.invert(params, x1, sampler, eps=eps, label=label)
-        x, nfe_out = self.sample(params, z, sampler, eps=eps, label=label)
-        return x, nfe_in + nfe_out
 
     def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
              label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
