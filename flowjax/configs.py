@@ -94,6 +94,9 @@ def base() -> ml_collections.ConfigDict:
     c.eval.reconstruction = 0
     c.eval.preservation = 0
     c.eval.lpips = False
+    # Classifier-free guidance scale of class-conditional models trained with model.label_dropout > 0, in
+    # every sampler of the job (docs/methods.md, Guidance); 1: none.
+    c.eval.guidance = 1.0
     # method 'evaluate': exports to compare (stage names or 'label=path'), and a coupling store
     # whose pair count and NFE go into the report.
     c.eval.models = ()

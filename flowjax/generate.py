@@ -50,6 +50,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.direction = 'backward'  # backward: noise -> data; forward: real data -> noise
     c.dtype = 'float32'  # storage: float32, bfloat16 or float16
     c.model_dtype = config_dict.placeholder(str)  # the teacher's compute dtype; None: as trained
+    # Classifier-free guidance scale of a class-conditional teacher trained with model.label_dropout > 0
+    # (docs/methods.md, Guidance); 1: none. Each pair's label (drawn, or its image's) is the condition.
+    c.guidance = 1.0
     c.max_new_shards = config_dict.placeholder(int)  # stop after writing this many
     return c
 
@@ -160,6 +163,7 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[
                                  "(or unset: the teacher's own)")
     if cfg.dtype not in couplings.DTYPES:
         raise errors.ConfigError(f"generate.dtype={cfg.dtype!r}: expected one of {', '.join(couplings.DTYPES)}")
+    kinds.check_guidance(cfg.guidance, 'generate.guidance')
     try:
         sampler = solvers.parse_sampler(cfg.sampler, rtol=cfg.rtol, atol=cfg.atol)
     except ValueError as e:
@@ -191,7 +195,8 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
                                      f"({meta['model'].get('name')}) has no dtype setting")
         meta['model'] = {**meta['model'], 'dtype': cfg.model_dtype}
     t_eps = meta.get('flow', {}).get('t_eps', config.flow.t_eps)
-    kind = kinds.from_meta(meta, 'generate.teacher')
+    kind = kinds.guided(kinds.from_meta(meta, 'generate.teacher'), cfg.guidance, 'generate.guidance',
+                        f'the teacher {teacher}')
     if not kind.supports(sampler):
         raise errors.ConfigError(f'generate.sampler={cfg.sampler!r}: does not apply to the teacher {teacher}, a model '
                                  f'of kind {kind.name!r}')
@@ -207,6 +212,8 @@ def prepare(config: ml_collections.ConfigDict, mesh: Mesh) -> Job:
         'shard_size': cfg.shard_size, 'dtype': cfg.dtype, 'shape': list(endpoints.shape), 't_eps': t_eps,
         'model_dtype': cfg.model_dtype, 'num_classes': classes, 'complete': False, 'mean_nfe': None,
     }
+    if cfg.guidance != 1:  # recorded only when used: stores written before guidance keep their manifests
+        manifest['guidance'] = float(cfg.guidance)
     return Job(kind, params, sampler, endpoints, manifest, classes)
 
 

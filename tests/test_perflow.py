@@ -54,7 +54,7 @@ class AnalyticPiecewise(kinds.Piecewise):
 
 
 def _kind(windows_=4, parameterization='velocity', process=diffusion.Linear(), fn=_affine):
-    return AnalyticPiecewise('{}', windows_, parameterization, process, fn)
+    return AnalyticPiecewise('{}', windows_, parameterization, process, fn=fn)
 
 
 # ------------------------------------------------------------------ window arithmetic

@@ -87,6 +87,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     """Static checks of the data and evaluation fields a training method evaluates with."""
     datasets.check(config)
     parse_samplers(config)
+    kinds.check_guidance(config.eval.get('guidance', 1.0), 'eval.guidance')
     fidelity.check(config)
     SUITES[config.data.kind].check(config)
 
@@ -104,9 +105,11 @@ class Flow:
     params so that one compiled sampler serves every chunk.
     """
 
-    def __init__(self, model: Model, labels: Callable[[int, int], jax.Array], eps: float):
+    def __init__(self, model: Model, labels: Callable[[int, int], jax.Array], eps: float, guidance: float = 1.0,
+                 name: str = 'the model'):
         model = kinds.as_model(model)
-        self.kind, self.params, self.eps = model.kind, model.params, eps
+        kind = kinds.guided(model.kind, guidance, 'eval.guidance', f'model {name!r}')
+        self.kind, self.params, self.eps = kind, model.params, eps
         self._labels, self._classes = labels, model.kind.num_classes
 
     def _label(self, chunk: int) -> jax.Array | None:
@@ -236,17 +239,18 @@ def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | Non
 
 def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[solvers.Sampler], *,
                  workdir: epath.Path, eps: float, straightness_steps: int, title: str,
-                 tasks: Sequence[fidelity.Task] = ()) -> dict:
+                 tasks: Sequence[fidelity.Task] = (), guidance: float = 1.0) -> dict:
     """Samples and scores every model with every sampler; merges into the workdir's report.
 
     Entry per model: {'params': count, sampler_key: {metric: value, 'nfe': n}, 'straightness',
     'straightness_norm', and the suite's floor}; each of `tasks` (reconstruction, preservation)
-    adds its '<task>_<score>' and '<task>_nfe' to every sampler's cell. Writes report.json,
+    adds its '<task>_<score>' and '<task>_nfe' to every sampler's cell. Class-conditional models are
+    sampled with classifier-free `guidance` (1: none; the NFE counts its calls). Writes report.json,
     report.md and samples.png (process 0) and returns the merged report.
     """
     results, panels = {}, {}
     for name, model in models.items():
-        flow = Flow(model, suite.labels, eps)
+        flow = Flow(model, suite.labels, eps, guidance, name)
         entry, shown = {'params': parameter_count(flow.params)}, {}
         applicable = [s for s in samplers if flow.kind.supports(s)]
         if not applicable:
@@ -258,6 +262,8 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
             logging.info('evaluate %s %s: %s', name, sampler.key, entry[sampler.key])
         entry.update(_straightness(flow, suite, straightness_steps))
         entry.update(suite.floor)
+        if flow.kind.guidance != 1:  # how it was sampled (the column is absent without guidance)
+            entry['guidance'] = flow.kind.guidance
         results[name] = entry
         panels[name] = suite.panels(flow, shown)
 
@@ -280,8 +286,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, model
     suite = suite_type.prepare(config, workdir)
     return score_models(models, suite, samplers, workdir=workdir, eps=config.flow.t_eps,
                         straightness_steps=config.eval.straightness_steps,
-                        title=f'{config.method} on {datasets.describe(config)}',
-                        tasks=fidelity.tasks(config, suite.held_out))
+                        title=f'{config.method} on {datasets.describe(config)}{_guidance_note(config)}',
+                        tasks=fidelity.tasks(config, suite.held_out), guidance=config.eval.get('guidance', 1.0))
+
+
+def _guidance_note(config: ml_collections.ConfigDict) -> str:
+    """The figure title's note of eval.guidance when it is used."""
+    scale = config.eval.get('guidance', 1.0)
+    return '' if scale == 1 else f', guidance {scale:g}'
 
 
 def evaluate_models(models: Mapping[str, Model], *, source: np.ndarray, data: np.ndarray, data_b: np.ndarray,

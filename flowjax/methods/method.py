@@ -34,7 +34,7 @@ TRAINING_READS = ('data', 'model', 'flow', 'train', 'eval')
 # (what the code before them did). `identity` leaves such a field out while it holds that value,
 # and drops a section left empty by that, so a stage that does not use it keeps its pipeline
 # fingerprint; a checkpoint's config that lacks it still matches (`default_identity`).
-LATER_FIELDS = {'data.classes': None, 'rf.init': None}
+LATER_FIELDS = {'data.classes': None, 'rf.init': None, 'eval.guidance': 1.0, 'generate.guidance': 1.0}
 
 
 def flow_uses_lpips(config: ml_collections.ConfigDict) -> bool:

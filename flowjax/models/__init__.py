@@ -23,14 +23,25 @@ def build(config: ml_collections.ConfigDict) -> nn.Module:
     if name not in MODELS:
         raise errors.ConfigError(f"model.name: unknown model {name!r} (expected one of {', '.join(MODELS)})")
     try:
-        return MODELS[name](**kwargs)
+        module = MODELS[name](**kwargs)
     except TypeError as e:
         raise errors.ConfigError(f'model: {e}') from None
+    try:
+        getattr(module, 'check', lambda: None)()
+    except ValueError as e:
+        raise errors.ConfigError(f'model.{e}' if str(e).startswith('label_dropout') else f'model: {e}') from None
+    return module
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
     """The classes a model is conditioned on (0: unconditional)."""
     return int(config.get('num_classes', 0) or 0)
+
+
+def null_label(config: ml_collections.ConfigDict) -> int | None:
+    """The class id of the null label of a model trained for classifier-free guidance (its num_classes),
+    None when it has none (model.label_dropout unset or 0)."""
+    return num_classes(config) if num_classes(config) and config.get('label_dropout', 0) else None
 
 
 def apply_fn(module: nn.Module) -> Callable[..., jax.Array]:

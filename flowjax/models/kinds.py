@@ -19,6 +19,12 @@ A kind is a frozen, hashable dataclass (it keys jit caches). Every kind has `sam
 `start` (the time its solves start at), `supports(sampler)` and, for exports, `meta`; a kind
 with a velocity of (x, t) alone also has `velocity`, `solve` and `apply`. Later kinds add their own
 fields and updates behind the same interface: PeRFlow windowed sampling.
+
+Classifier-free guidance (docs/methods.md, Guidance): every kind has a `guidance` scale w (1: none), set by
+`guided(kind, w, field)` for a class-conditional network trained with `model.label_dropout` > 0 (its
+`null_label`); each network call then gives out(null) + w (out(label) - out(null)), two calls where
+w is neither 1 nor 0 (w = 0: the null label's alone), and the NFE a kind reports counts them. The
+scale is how a model is sampled, not what it is: exports' meta does not record it.
 """
 
 import dataclasses
@@ -38,6 +44,62 @@ from flowjax.flows import windows as windows_lib
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _guide(out: Callable[[jax.Array | None], jax.Array], label: jax.Array | None, scale: float,
+           null: int | None) -> jax.Array:
+    """A network output `out(label)` under classifier-free guidance of `scale`: out(label) at 1 (or
+    without labels), out(null) at 0, else out(null) + scale (out(label) - out(null))."""
+    if label is None or scale == 1.0:
+        return out(label)
+    uncond = out(jnp.full_like(label, null))
+    if scale == 0.0:
+        return uncond
+    return uncond + scale * (out(label) - uncond)
+
+
+class _Guidance:
+    """What guidance adds to a kind: its `guidance` scale (a dataclass field of every kind), `null_label`
+    and how many network calls one guided call makes."""
+
+    guidance: float
+
+    @property
+    def calls(self) -> int:
+        """Network calls per velocity evaluation: 2 with guidance other than 1 and 0, else 1."""
+        return 1 if self.guidance in (0.0, 1.0) else 2
+
+    @property
+    def null_label(self) -> int | None:
+        """The class id the network was trained to read as no class (None: not trained for guidance)."""
+        return None
+
+    def network(self, apply: Callable[..., jax.Array], params: Any, label: jax.Array | None) -> Velocity:
+        """`(x, t) -> apply(params, x, t, label=label)` guided by the kind's scale (the plain partial at 1)."""
+        if label is None or self.guidance == 1.0:
+            return functools.partial(apply, params) if label is None else functools.partial(apply, params, label=label)
+        return lambda x, t: _guide(lambda y: apply(params, x, t, label=y), label, self.guidance, self.null_label)
+
+
+def check_guidance(value: Any, field: str) -> float:
+    """A guidance scale of a config field: a finite number >= 0 (1: none), else a one-line ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
+        raise errors.ConfigError(f'{field}={value!r}: expected a guidance scale, a finite number >= 0 (1: no guidance)')
+    return float(value)
+
+
+def guided(kind: 'Kind', scale: float, field: str, name: str = 'the model') -> 'Kind':
+    """`kind` sampled with classifier-free guidance `scale` (`field` and the model's `name` for errors):
+    unchanged at 1; else its network must be class-conditional with a null label (trained with
+    model.label_dropout > 0), or a one-line UserError."""
+    scale = check_guidance(scale, field)
+    if scale == 1.0:
+        return kind
+    if getattr(kind, 'null_label', None) is None:
+        why = 'is not class-conditional' if not kind.num_classes else 'has no null label'
+        raise errors.UserError(f'{field}={scale:g}: {name} (kind {kind.name!r}) {why}; guidance needs a class-conditional '
+                               'model trained with model.label_dropout > 0')
+    return dataclasses.replace(kind, guidance=scale)
+
+
 class _RoundTrip:
     """`reconstruct` of a kind whose sampling and inversion are independent solves."""
 
@@ -49,7 +111,7 @@ class _RoundTrip:
         return x, nfe_in + nfe_out
 
 
-class _VelocityKind(_RoundTrip):
+class _VelocityKind(_RoundTrip, _Guidance):
     """What every velocity-giving kind shares: sampling and inversion by integrating `apply`."""
 
     name: ClassVar[str] = 'velocity'
@@ -59,25 +121,24 @@ class _VelocityKind(_RoundTrip):
     apply: Callable[..., jax.Array]  # (params, x, t, dropout_rng=None, label=None) -> v
 
     def velocity(self, params: Any, label: jax.Array | None = None) -> Velocity:
-        """v(x, t) of these params (class `label` (B,) for a class-conditional model)."""
-        if label is None:
-            return functools.partial(self.apply, params)
-        return functools.partial(self.apply, params, label=label)
+        """v(x, t) of these params (class `label` (B,) for a class-conditional model), guided by `guidance`."""
+        return self.network(self.apply, params, label)
 
     def solve(self, params: Any, x: jax.Array, sampler: solvers.Sampler, *, t0: solvers.Time, t1: solvers.Time,
               label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """The ODE from t0 to t1 (floats, or per-example (B,) windows) with `sampler`; (x at t1, nfe)."""
-        return solvers.solve(self.velocity(params, label), x, sampler, t0=t0, t1=t1)
+        x, nfe = solvers.solve(self.velocity(params, label), x, sampler, t0=t0, t1=t1)
+        return x, nfe * self.calls
 
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Noise x0 -> data: the ODE from t = eps to 1 with `sampler`; (x1, nfe)."""
-        return solvers.sample(self.velocity(params, label), x0, sampler, eps=eps)
+        return self.solve(params, x0, sampler, t0=eps, t1=1.0, label=label)
 
     def invert(self, params: Any, x1: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Data x1 -> noise: the ODE from t = 1 to eps; (x0, nfe)."""
-        return solvers.invert(self.velocity(params, label), x1, sampler, eps=eps)
+        return self.solve(params, x1, sampler, t0=1.0, t1=eps, label=label)
 
     def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
              label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -119,6 +180,10 @@ class _OneNetwork:
         return models.num_classes(self.model_config)
 
     @property
+    def null_label(self) -> int | None:
+        return models.null_label(self.model_config)
+
+    @property
     def apply(self) -> Callable[..., jax.Array]:
         """The training call `apply(params, x, t, dropout_rng=None, label=None)`."""
         return models.apply_fn(self.module)
@@ -135,6 +200,7 @@ class VelocityField(_OneNetwork, _VelocityKind):
     """One network giving the velocity v(x, t[, label]); `model` is its config as sorted JSON."""
 
     model: str
+    guidance: float = 1.0
 
     def meta(self) -> dict:
         """What an export's meta.json records of the kind."""
@@ -156,6 +222,7 @@ class Diffusion(_OneNetwork, _VelocityKind):
     model: str
     schedule: str = 'linear'
     timesteps: int = 1000
+    guidance: float = 1.0
 
     @functools.cached_property
     def process(self) -> diffusion.VP:
@@ -163,7 +230,8 @@ class Diffusion(_OneNetwork, _VelocityKind):
         return diffusion.VP(self.schedule, self.timesteps)
 
     def eps(self, params: Any, label: jax.Array | None = None) -> Velocity:
-        """eps(x, t): the network's noise prediction of these params (class `label` (B,) if conditional)."""
+        """eps(x, t): the network's noise prediction of these params (class `label` (B,) if conditional),
+        guided by `guidance` (the probability-flow velocity is affine in eps, so guiding eps guides it)."""
         return _VelocityKind.velocity(self, params, label)
 
     def velocity(self, params: Any, label: jax.Array | None = None) -> solvers.EpsField:
@@ -211,10 +279,11 @@ class VelocityFunction(_VelocityKind):
 
     apply: Callable[..., jax.Array]
     num_classes: int = 0
+    guidance: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class ConstantAcceleration:
+class ConstantAcceleration(_Guidance):
     """CAF (docs/methods.md, CAF): x_t = x0 + v0 t + a t^2 / 2 with a velocity network giving the
     initial velocity v0 = v(x, t) and an acceleration network a(x, t, v0). Both networks have the
     architecture `model` (sorted JSON) and read 2C channels, x beside a velocity, and give C
@@ -235,6 +304,7 @@ class ConstantAcceleration:
     channels: int
     h: float = 1.5
     ivc: bool = True
+    guidance: float = 1.0
 
     @classmethod
     def from_model_config(cls, config: ml_collections.ConfigDict | dict, *, channels: int, h: float = 1.5,
@@ -255,6 +325,10 @@ class ConstantAcceleration:
     @property
     def num_classes(self) -> int:
         return models.num_classes(self.model_config)
+
+    @property
+    def null_label(self) -> int | None:
+        return models.null_label(self.model_config)
 
     @property
     def apply(self) -> Callable[..., jax.Array]:
@@ -290,19 +364,23 @@ class ConstantAcceleration:
         return self.apply(params, self.inputs(x, v0 if self.ivc else None), t, dropout_rng, label=label)
 
     def field(self, params: Any, v0: jax.Array, label: jax.Array | None = None) -> solvers.Accelerated:
-        """dx/dt = v0 + t a(x, t, v0) of these params (both networks')."""
-        accel = lambda x, t: self.acceleration(params['acceleration'], x, t, v0, label=label)
+        """dx/dt = v0 + t a(x, t, v0) of these params (both networks'), a guided by `guidance`."""
+        accel = lambda x, t: _guide(lambda y: self.acceleration(params['acceleration'], x, t, v0, label=y), label,
+                                    self.guidance, self.null_label)
         return solvers.Accelerated(v0, accel)
 
     def _v0(self, params: Any, x: jax.Array, t: float, label: jax.Array | None) -> jax.Array:
-        return self.initial_velocity(params['velocity'], x, jnp.full((x.shape[0],), t, jnp.float32), label=label)
+        """v0 = v(x, t) of the velocity network, guided by `guidance`."""
+        t = jnp.full((x.shape[0],), t, jnp.float32)
+        return _guide(lambda y: self.initial_velocity(params['velocity'], x, t, label=y), label, self.guidance,
+                      self.null_label)
 
     def _solve(self, params: Any, x: jax.Array, sampler: solvers.Sampler, t0: float, t1: float,
                label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """The solve from t0 to t1 with v0 = v(x, t0) of the start; (x at t1, nfe with the v0 call)."""
         x_end, nfe = solvers.solve(self.field(params, self._v0(params, x, t0, label), label), x, sampler,
                                    t0=t0, t1=t1)
-        return x_end, nfe + 1
+        return x_end, (nfe + 1) * self.calls
 
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -323,7 +401,7 @@ class ConstantAcceleration:
         field = self.field(params, self._v0(params, x1, 1.0, label), label)
         z, nfe_in = solvers.solve(field, x1, sampler, t0=1.0, t1=0.0)
         x, nfe_out = solvers.solve(field, z, sampler, t0=0.0, t1=1.0)
-        return x, nfe_in + nfe_out + 1
+        return x, (nfe_in + nfe_out + 1) * self.calls
 
     def path(self, params: Any, x0: jax.Array, steps: int, *, eps: float,
              label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -354,7 +432,7 @@ class ConstantAcceleration:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piecewise(_OneNetwork, _RoundTrip):
+class Piecewise(_OneNetwork, _RoundTrip, _Guidance):
     """A PeRFlow student (docs/methods.md, PeRFlow): one network of the architecture `model` (sorted JSON)
     whose prediction at (x, t) in window [s, e] = [w / K, (w + 1) / K) (K = `windows`) is the velocity
     of the window's straight line, directly (`parameterization` 'velocity') or through an eps
@@ -374,6 +452,7 @@ class Piecewise(_OneNetwork, _RoundTrip):
     windows: int = 4
     parameterization: str = 'velocity'
     process: diffusion.Process = diffusion.Linear()
+    guidance: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.windows, bool) or not isinstance(self.windows, int) or self.windows < 1:
@@ -406,7 +485,7 @@ class Piecewise(_OneNetwork, _RoundTrip):
 
     def window_velocity(self, params: Any, s: float, e: float, label: jax.Array | None = None) -> Velocity:
         """v(x, t) on window [s, e]: the network's prediction read as the window line's velocity."""
-        predict = functools.partial(self.apply, params, label=label)
+        predict = self.network(self.apply, params, label)
         if self.parameterization == 'velocity':
             return predict
         lam, eta = self.window_coefficients(s, e)
@@ -428,7 +507,7 @@ class Piecewise(_OneNetwork, _RoundTrip):
             x, n = solvers.solve(self.window_velocity(params, s, e, label), x, part, t0=e if inverse else s,
                                  t1=s if inverse else e)
             nfe = nfe + n
-        return x, nfe
+        return x, nfe * self.calls
 
     def sample(self, params: Any, x0: jax.Array, sampler: solvers.Sampler, *, eps: float,
                label: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

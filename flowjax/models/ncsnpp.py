@@ -151,11 +151,15 @@ class NCSNpp(nn.Module):
     fourier_scale: float = 16.0
     conditional: bool = True
     num_classes: int = 0
+    # > 0: classifier-free guidance. Class id num_classes is the null label (one more embedding row), and in
+    # training (train=True) each label is replaced by it with this probability (docs/methods.md, Guidance).
+    label_dropout: float = 0.0
     init_scale: float = 0.0
     dtype: str = 'float32'
     out_channels: int | None = None  # output channels; None: x's (CAF's networks read 2C, give C)
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """A one-line ValueError for a field value the network does not implement."""
         if self.fir:
             raise ValueError('NCSNpp: fir=True (FIR resampling) is not implemented; use fir=False')
         if self.progressive != 'none' or self.progressive_input != 'none':
@@ -166,11 +170,16 @@ class NCSNpp(nn.Module):
             raise ValueError(f"NCSNpp: embedding_type must be 'positional' or 'fourier', got {self.embedding_type!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f'NCSNpp: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}')
+        p = self.label_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f'label_dropout={p!r}: expected a probability in [0, 1)')
+        if p and not self.num_classes:
+            raise ValueError(f'label_dropout={p!r}: needs a class-conditional model (num_classes > 0)')
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
                  train: bool = False) -> jax.Array:
-        self._check()
+        self.check()
         dtype = _DTYPES[self.dtype]
         nf = self.nf
         num_resolutions = len(self.ch_mult)
@@ -189,7 +198,11 @@ class NCSNpp(nn.Module):
             if self.num_classes > 0:
                 if y is None:
                     raise ValueError('NCSNpp: num_classes > 0 needs labels y')
-                temb = temb + nn.Embed(self.num_classes, 4 * nf, name='label_embed')(y)
+                if train and self.label_dropout:
+                    drop = jax.random.bernoulli(self.make_rng('dropout'), self.label_dropout, y.shape)
+                    y = jnp.where(drop, self.num_classes, y)
+                rows = self.num_classes + (1 if self.label_dropout else 0)  # the last: the null label
+                temb = temb + nn.Embed(rows, 4 * nf, name='label_embed')(y)
             temb = temb.astype(dtype)
 
         common = dict(dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype)
