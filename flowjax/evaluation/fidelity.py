@@ -50,6 +50,15 @@ def mse(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.mean(np.square(d), axis=tuple(range(1, d.ndim)))
 
 
+UINT8_SCALE = 127.5  # images in [-1, 1] to [0, 255]: a difference of 2 / 255 is one uint8 level
+
+
+def rmse(x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Per example: scale * sqrt(mean over dimensions of (x - y)^2), in float64 (images: scale UINT8_SCALE
+    gives uint8 units, unrounded)."""
+    return scale * np.sqrt(mse(x, y))
+
+
 def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per image: 10 log10(1 / MSE) of images in [-1, 1] mapped to [0, 1] by x / 2 + 1 / 2 (data range 1),
     the MSE floored at MSE_FLOOR; NaN where an image is not finite."""

@@ -279,6 +279,7 @@ class VelocityFunction(_VelocityKind):
 
     apply: Callable[..., jax.Array]
     num_classes: int = 0
+    null_label: int | None = None  # the class id read as no class, for guidance (None: none)
     guidance: float = 1.0
 
 
