@@ -261,7 +261,7 @@ class Diffusion(_OneNetwork, _VelocityKind):
         return 0.0
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Every sampler on the uniform time grid but caf@N: ddim@N is DDIM, the others integrate the
+        """Every sampler but caf@N, on the uniform or a shifted grid: ddim@N is DDIM, the others integrate the
         probability-flow ODE; an EDM grid does not apply (its sigma = (1 - t) / t is infinite at t = 0)."""
         return sampler.name != 'caf' and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
 
@@ -294,7 +294,7 @@ class ConstantAcceleration(_Guidance):
 
     Sampling starts at t = 0 whatever eps (CAF's interpolant and time grid include it):
     v0 = v(x0, 0), then `sampler` solves dx/dt = v0 + t a(x, t, v0) (`solvers.Accelerated`) from
-    0 to 1; caf@N is CAF's N-step update (NFE N + 1), any other sampler on the uniform time grid
+    0 to 1; caf@N is CAF's N-step update (NFE N + 1), any other sampler on the uniform or a shifted grid
     integrates the same field (an EDM grid needs t > 0 at its noise end: `supports` refuses it).
     Inversion takes v0 = v(x1, 1) from the data and solves from 1 to 0; `reconstruct` regenerates
     with that same v0 (NFE 2N + 1 with caf@N).
@@ -416,7 +416,7 @@ class ConstantAcceleration(_Guidance):
         return 0.0
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Every sampler on the uniform time grid but ddim@N (eps models only): caf@N is CAF's own update,
+        """Every sampler but ddim@N (eps models only), on the uniform or a shifted grid: caf@N is CAF's own update,
         the others integrate its field. An EDM grid does not apply: CAF's solves start at t = 0, where its
         sigma = (1 - t) / t is infinite (docs/methods.md, CAF)."""
         return sampler.name != 'ddim' and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid)
@@ -540,7 +540,8 @@ class Piecewise(_OneNetwork, _RoundTrip, _Guidance):
         return 0.0
 
     def supports(self, sampler: solvers.Sampler) -> bool:
-        """Fixed-step euler, heun, midpoint on the uniform grid (N spread over the windows) and rk45
+        """Fixed-step euler, heun, midpoint, fireflow, rf_solver on the uniform or a shifted grid (N spread over
+        the windows; a shifted grid is shifted in each window) and rk45
         (adaptive per window); not caf@N (a CAF model's), ddim@N (a diffusion model's) nor EDM grids."""
         return (getattr(sampler, 'name', None) not in ('caf', 'ddim')
                 and not isinstance(getattr(sampler, 'grid', None), solvers.EdmGrid))
