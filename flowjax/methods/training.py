@@ -94,6 +94,8 @@ def check_training(config: ml_collections.ConfigDict, kind_of: Callable[[ml_coll
     evaluate.check_data(config)
     samplers = evaluate.parse_samplers(config)
     kind = (kind_of or kinds.from_config)(config)
+    if samplers:  # a guidance scale the trained model cannot take fails now, not after training
+        kinds.guided(kind, config.eval.get('guidance', 1.0), 'eval.guidance', 'the model this method trains')
     if samplers and not any(kind.supports(s) for s in samplers):
         raise errors.ConfigError(f"eval.samplers={tuple(config.eval.samplers)!r}: none applies to a model of kind "
                                  f'{kind.name!r}, which this method trains')
