@@ -11,14 +11,11 @@ CAF stage (its velocity network widened from the teacher) and the evaluation run
 
 import json
 
-import jax
 import numpy as np
 
 import mock_tfds
-from conftest import experiment_config
-from flowjax import checkpoint, pipeline, train
-from flowjax.data import datasets
-from flowjax.models import kinds
+from conftest import experiment_config, stand_in_teacher
+from flowjax import pipeline
 
 MODELS = ('teacher', 'reflow', 'caf')
 
@@ -42,15 +39,9 @@ def _check_run(workdir):
 
 
 def _stand_in_teacher(config, path):
-    """Exports the teacher stage's network at random weights to `path` and makes it the teacher and
-    the 2-RF student of the pipeline `config`; evaluates euler@1 and caf@1 only."""
-    teacher = config.teacher
-    kind, shape = kinds.from_config(teacher), datasets.sample_shape(teacher)
-    rng = np.random.default_rng(0)  # random weights without compiling the network's init
-    params = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype),
-                          jax.eval_shape(lambda key: kind.init(key, shape), jax.random.key(0)))
-    checkpoint.export(path, params, train.export_meta(teacher, kind, shape, 0))
-    config.teacher.checkpoint = config.reflow.checkpoint = str(path)
+    """A random-weight export of the teacher stage's network as the teacher and the 2-RF student of the
+    pipeline `config` (conftest.stand_in_teacher); evaluates euler@1 and caf@1 only."""
+    config.reflow.checkpoint = stand_in_teacher(config, path)
     config.evaluate.eval.samplers = ('euler@1', 'caf@1')  # every model needs one sampler of its kind
 
 

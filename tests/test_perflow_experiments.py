@@ -15,21 +15,8 @@ import jax
 import numpy as np
 
 import mock_tfds
-from conftest import experiment_config
-from flowjax import checkpoint, pipeline, train
-from flowjax.data import datasets
-from flowjax.models import kinds
-
-
-def _stand_in_teacher(config, path):
-    """Exports the teacher stage's network at random weights to `path` and makes it the pipeline's teacher."""
-    teacher = config.teacher
-    kind, shape = kinds.from_config(teacher), datasets.sample_shape(teacher)
-    rng = np.random.default_rng(0)  # random weights without compiling the network's init
-    params = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype),
-                          jax.eval_shape(lambda key: kind.init(key, shape), jax.random.key(0)))
-    checkpoint.export(path, params, train.export_meta(teacher, kind, shape, 0))
-    config.teacher.checkpoint = str(path)
+from conftest import experiment_config, stand_in_teacher
+from flowjax import checkpoint, pipeline
 
 
 def test_perflow_digits_recipe():
@@ -56,7 +43,7 @@ def test_perflow_digits_recipe():
 
 def test_perflow_digits_runlocal(tmp_path):
     config = experiment_config('perflow_digits', 'runlocal,seeds=1')
-    _stand_in_teacher(config, tmp_path / 'teacher_export')
+    stand_in_teacher(config, tmp_path / 'teacher_export')
     # fewer samplers than the recipe's (each one compiles per model kind): the claims' 4 steps
     config.evaluate_windows.eval.samplers = ('euler@4',)
     config.evaluate_windows.eval.differences = {'K=4 - K=1': ('k4', 'k1', 'euler@4=euler@4')}
@@ -100,7 +87,7 @@ def test_perflow_cifar_recipe():
 def test_perflow_cifar_runlocal_on_mock_cifar10(tmp_path):
     with mock_tfds.mock_cifar10(num_examples=48) as data_dir:
         config = experiment_config('perflow_cifar', f'runlocal,data_dir={data_dir}')
-        _stand_in_teacher(config, tmp_path / 'teacher_export')
+        stand_in_teacher(config, tmp_path / 'teacher_export')
         config.stages = ('teacher', 'k4', 'evaluate')  # k1 is the same stage with one window (recipe test)
         config.evaluate.eval.models = ('teacher', 'k4')
         pipeline.run(config, str(tmp_path / 'run'))
