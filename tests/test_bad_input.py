@@ -33,6 +33,8 @@ PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",
 TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
 PF_DIGITS = '--config=experiments/perflow_digits.py:runlocal,seeds=1'
 TRANSFER_ALONE = [PF_DIGITS, '--workdir={new}', '--config.stages=("plug_s0",)']
+EDIT = '--config=experiments/edit_digits.py:runlocal'
+EDIT_ALONE = [EDIT, '--workdir={new}', '--config.stages=("edit",)']  # the edit stage of an export given to it
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -224,6 +226,39 @@ CASES = [
      ["flow.time='u_shaped'", 'ddpm draws its own times, k uniform in {1..T}']),
     ('ddim@N to train a velocity model', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("ddim@4",)'],
      ["eval.samplers=('ddim@4',)", "none applies to a model of kind 'velocity'"]),
+    # edit (docs/methods.md, Editing (method edit)): edit_digits' stage 'edit', with its teacher stage or alone with
+    # an export given (digits_cond: class-conditional, no label dropout). More refusals: tests/test_edit.py.
+    ('edit model missing', [*EDIT_ALONE, '--config.edit.edit.model='], ['edit.edit.model', 'is required']),
+    ('edit model export missing', [*EDIT_ALONE, '--config.edit.edit.model={new}/nothing'],
+     ['edit.edit.model=', 'neither an earlier stage nor an existing directory']),
+    ('edit model not class-conditional', [*EDIT_ALONE, '--config.edit.edit.model={teacher_a}'],
+     ['edit.model=', 'is not class-conditional', 'model.num_classes > 0']),
+    ('edit samplers empty', [EDIT, '--workdir={new}', '--config.edit.edit.samplers=()'],
+     ['edit.edit.samplers=()', 'non-empty tuple of distinct sampler specs']),
+    ('edit unknown sampler', [EDIT, '--workdir={new}', '--config.edit.edit.samplers=("eulr@2",)'],
+     ['edit.edit.samplers', "unknown solver 'eulr'"]),
+    ('edit sampler of another kind', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}',
+                                      '--config.edit.edit.guidance=(1.0,)', '--config.edit.edit.samplers=("caf@2",)'],
+     ["edit.samplers: 'caf@2' does not apply", "kind 'velocity'"]),
+    ('edit guidance negative', [EDIT, '--workdir={new}', '--config.edit.edit.guidance=(1.0,-2.0)'],
+     ['edit.edit.guidance=-2.0', 'finite number >= 0']),
+    ('edit guidance empty', [EDIT, '--workdir={new}', '--config.edit.edit.guidance=()'],
+     ['edit.edit.guidance=()', 'non-empty tuple of guidance scales']),
+    ('edit guidance without a null label', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}'],
+     ['edit.guidance=2', 'has no null label', 'model.label_dropout > 0']),
+    ('edit count 0', [EDIT, '--workdir={new}', '--config.edit.edit.count=0'], ['edit.edit.count=0', 'integer >= 1']),
+    ('edit count beyond the images', [EDIT, '--workdir={new}', '--config.edit.edit.count=2000'],
+     ['edit.edit.count=2000', 'more than the 1797 images']),
+    ('edit grid 0', [EDIT, '--workdir={new}', '--config.edit.edit.grid=0'], ['edit.edit.grid=0', 'integer >= 1']),
+    ('edit targets unknown', [EDIT, '--workdir={new}', '--config.edit.edit.targets=every'],
+     ["edit.edit.targets='every'", "'all', 'next' or a non-empty tuple of distinct class ids"]),
+    ('edit targets repeated', [EDIT, '--workdir={new}', '--config.edit.edit.targets=(1,1)'],
+     ['edit.edit.targets=(1, 1)', 'distinct class ids']),
+    ('edit target beyond the classes', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}',
+                                        '--config.edit.edit.guidance=(1.0,)', '--config.edit.edit.targets=(3,12)'],
+     ['edit.targets=(3, 12)', 'class 12 is not a class', 'num_classes=10']),
+    ('edit of toy data', [EDIT, '--workdir={new}', '--config.edit.data.kind=toy2d'],
+     ["edit.data.kind='toy2d'", "data.kind='image'"]),
 ]
 
 
@@ -259,6 +294,13 @@ def made(tmp_path_factory):
     shapes = jax.eval_shape(lambda key: kind.init(key, (2,)), jax.random.key(0))
     checkpoint.export(root / 'caf_a', jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                       train.export_meta(caf_stage, kind, (2,), caf_stage.train.steps))
+    # edit: a class-conditional NCSN++ digits export without label dropout, its weights zeros (no null label)
+    edit_stage = experiment_config('edit_digits', 'runlocal').teacher
+    edit_stage.model.label_dropout = 0.0
+    kind = kinds.from_config(edit_stage)
+    shapes = jax.eval_shape(lambda key: kind.init(key, (8, 8, 1)), jax.random.key(0))
+    checkpoint.export(root / 'digits_cond', jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                      train.export_meta(edit_stage, kind, (8, 8, 1), edit_stage.train.steps))
     return root
 
 
@@ -279,7 +321,8 @@ def _snapshot(root) -> dict[str, str]:
 @pytest.mark.parametrize('case, args, fragments', CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
-             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained', 'caf_a')}}
+             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained', 'caf_a',
+                                                   'digits_cond')}}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
     before = _snapshot(made), _snapshot(tmp_path)

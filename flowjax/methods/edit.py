@@ -309,7 +309,7 @@ def _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite, classif
         for target in targets:
             out, n_out = regenerate(kind, params, z, target, sampler, eps=eps, guidance=w, name=name)
             nfes_out.append(int(n_out))
-            per = {k: v for k, v in suite.compare(out, x, valid).items()}
+            per = dict(suite.compare(out, x, valid))
             host, source = sharding.to_host(out)[:valid], sharding.to_host(x)[:valid]
             per['rmse'] = fidelity.rmse(host, source, fidelity.UINT8_SCALE)
             if classifier is not None:
