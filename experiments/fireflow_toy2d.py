@@ -24,7 +24,8 @@ def samplers(ns) -> tuple[str, ...]:
 
 def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, target='moons', count=256)
-    recipe = configs.experiment(__file__, 'toy2d_reflow', ('runlocal,' if arg.runlocal else '') + f'target={arg.target}')
+    local = 'runlocal,' if arg.runlocal else ''
+    recipe = configs.experiment(__file__, 'toy2d_reflow', f'{local}target={arg.target}')
     invert = table.for_method(recipe.teacher, 'invert')
     invert.invert.models = ('analytic', 'teacher', 'reflow')
     invert.invert.samplers = samplers(LOCAL_NS if arg.runlocal else NS)

@@ -33,6 +33,10 @@ PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",
 TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
 PF_DIGITS = '--config=experiments/perflow_digits.py:runlocal,seeds=1'
 TRANSFER_ALONE = [PF_DIGITS, '--workdir={new}', '--config.stages=("plug_s0",)']
+# fireflow_toy2d's stage 'invert' with samplers every checkout knows (its fireflow@N and rf_solver@N come with
+# the solvers of docs/methods.md, Solvers).
+INVERT_TOY = ['--config=experiments/fireflow_toy2d.py:runlocal', '--workdir={new}']
+INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)']
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -214,6 +218,26 @@ CASES = [
      ["flow.time='u_shaped'", 'ddpm draws its own times, k uniform in {1..T}']),
     ('ddim@N to train a velocity model', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("ddim@4",)'],
      ["eval.samplers=('ddim@4',)", "none applies to a model of kind 'velocity'"]),
+    # invert (docs/methods.md, Inversion (method invert)): the invert section of fireflow_toy2d's stage 'invert'.
+    # More bad values (of every field's type) and a sampler that applies to no model: tests/test_invert.py.
+    ('invert models empty', [*INVERT, '--config.invert.invert.models=()'],
+     ['invert.invert.models=()', 'non-empty tuple', "'analytic'"]),
+    ('invert model listed twice', [*INVERT, '--config.invert.invert.models=("analytic","analytic")'],
+     ['invert.invert.models', "label 'analytic' is listed twice"]),
+    ('invert model neither stage nor export', [*INVERT, '--config.invert.invert.models=("nothing",)'],
+     ['invert.invert.models=', 'nothing', 'neither an earlier stage']),
+    ('invert samplers empty', [*INVERT_TOY, '--config.invert.invert.samplers=()'],
+     ['invert.invert.samplers=()', 'non-empty tuple of sampler specs']),
+    ('invert unknown sampler', [*INVERT_TOY, '--config.invert.invert.samplers=("eulr@4",)'],
+     ['invert.invert.samplers', "unknown solver 'eulr'"]),
+    ('invert count 0', [*INVERT, '--config.invert.invert.count=0'], ['invert.invert.count=0', 'int >= 1']),
+    ('invert count beyond the held-out sample', [*INVERT, '--config.invert.invert.count=300'],
+     ['invert.invert.count=300', 'more than the 256 points', 'eval.num_samples']),
+    ('invert guidance negative', [*INVERT, '--config.invert.invert.guidance=-1'],
+     ['invert.invert.guidance=-1.0', 'guidance scale, a finite number >= 0']),
+    ('invert grid negative', [*INVERT, '--config.invert.invert.grid=-1'], ['invert.invert.grid=-1', 'int >= 0']),
+    ('invert LPIPS of toy data', [*INVERT, '--config.invert.eval.lpips=True'],
+     ['invert.eval.lpips=True', "data.kind='toy2d'"]),
 ]
 
 

@@ -307,12 +307,17 @@ def inversion_markdown(results: Mapping[str, Mapping[str, dict]]) -> str:
 
 
 def save_figure(path: epath.Path, sources: np.ndarray, shown: Mapping[str, Mapping[str, np.ndarray]],
-                title: str = '') -> None:
-    """inversion.png: the sources in the top row, then a row per model and sampler of their reconstructions."""
+                results: Mapping[str, Mapping[str, dict]], title: str = '') -> None:
+    """inversion.png: the sources in the top row, then a row per model and sampler of their reconstructions,
+    titled with the cell's rmse and NFE."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [('held-out data', sources)] + [(f'{name}: {key}', x) for name, panels in shown.items()
+    def label(name, key):
+        cell = results[name][key]
+        return f"{name}: {key}, rmse {report.format_value(cell['rmse'])} (NFE {cell['nfe']})"
+
+    rows = [('held-out data', sources)] + [(label(name, key), x) for name, panels in shown.items()
                                              for key, x in panels.items()]
     n = len(sources)
     fig = Figure(figsize=(max(3.0, 0.9 * n), 1.2 * len(rows)), dpi=100)
@@ -361,7 +366,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if shown and jax.process_index() == 0:
         title = f'inversion on {datasets.describe(config)}'
         title += '' if inv.guidance == 1 else f', guidance {inv.guidance:g}'
-        save_figure(workdir / FILES[2], x1[:shown], figures, title)
+        save_figure(workdir / FILES[2], x1[:shown], figures, results, title)
     sharding.barrier('flowjax-invert-report')
     return merged
 
