@@ -1,5 +1,5 @@
-"""ODE solvers for rectified flows: fixed-step Euler/Heun/midpoint, CAF's
-constant-acceleration update, DDIM, and rk45.
+"""ODE solvers for rectified flows: fixed-step Euler/Heun/midpoint, FireFlow,
+RF-Solver, CAF's constant-acceleration update, DDIM, and rk45.
 
 Convention: t = 0 is noise, t = 1 is data. A velocity is a callable
 `v(x, t)` with x of shape (B, ...) and t of shape (B,) float32. Sampling
@@ -11,15 +11,16 @@ arrays: step loops are `lax.scan` / diffrax while loops, never Python loops.
 Solver objects
 --------------
 A solver is a frozen, hashable dataclass (it keys jit caches) with
-  * `key`: a short label, e.g. 'euler@8', 'heun@4:edm', 'rk45';
+  * `key`: a short label, e.g. 'euler@8', 'heun@4:edm', 'fireflow@4:shift=1',
+    'rk45';
   * `solve(velocity, x, t0, t1) -> (x_end, nfe)`: integrates dx/dt = v(x, t)
     from t0 to t1 (forward when t1 > t0, inverse when t1 < t0). t0 and t1 are
     Python floats (or 0-d arrays), or per-example (B,) arrays: example i then
     integrates its own window [t0_i, t1_i]. `nfe` is an int32 scalar counting
     velocity calls.
 Fixed-step solvers (`FixedStepSolver` subclasses: `Euler`, `Heun`,
-`Midpoint`, `ConstantAcceleration`, `DDIM`) take `steps` and a time `grid`,
-and add
+`Midpoint`, `FireFlow`, `RFSolver`, `ConstantAcceleration`, `DDIM`) take
+`steps` and a time `grid`, and add
   * `nfe_per_step` and `init_nfe` (calls made by `init`), so that
     nfe = init_nfe + nfe_per_step * steps;
   * `init(velocity, x, t) -> state`: per-call state at the start time t;
@@ -27,12 +28,19 @@ and add
     with signed step dt, both per-example (B,) float32 arrays or scalars.
 `FixedStepSolver.solve` builds the grid t_0..t_N and scans
 (x, state) <- step(velocity, x, t_k, t_{k+1} - t_k, state), starting from
-state = init(velocity, x, t_0). Euler, Heun and midpoint keep no state
-(None). A solver with a cache, e.g. FireFlow reusing the previous step's
-midpoint velocity, is a new `FixedStepSolver` subclass: `init` evaluates
-and returns the first velocity (init_nfe = 1), `step` uses the cached
-velocity, makes its own calls (nfe_per_step = 1) and returns the velocity
-to cache; an entry in `FIXED_STEP` makes it reachable from specs.
+state = init(velocity, x, t_0). Euler, Heun, midpoint and RF-Solver keep no
+state (None). A solver with a cache is a `FixedStepSolver` subclass whose
+`init` evaluates and returns the first velocity and whose `step` uses the
+cached one and returns the next; an entry in `FIXED_STEP` makes a solver
+reachable from specs. `FireFlow` ('fireflow@N', Deng et al. 2024) is one:
+with k the cached velocity (k = v(x, t_0) from `init`), a step t -> t + h is
+    x_m = x + h/2 k,  k' = v(x_m, t + h/2),  x' = x + h k',
+and k' is cached for the next step: init_nfe = 1, nfe_per_step = 1, so
+NFE = N + 1 per solve (sampling or inversion), against 2N for midpoint.
+`RFSolver` ('rf_solver@N') is RF-Solver's second-order Taylor step as its
+public code writes it: v = v(x, t), x_m = x + h/2 v, v_m = v(x_m, t + h/2),
+x' = x + h v + h^2/2 (v_m - v) / (h/2), which is midpoint up to rounding
+(2N NFE).
 `ConstantAcceleration` ('caf@N') steps the field of a constant-acceleration
 model (`Accelerated`: dx/dt = v0 + t a(x, t), docs/methods.md, CAF) exactly
 while a is constant over a step; the other solvers integrate that field as
@@ -54,8 +62,10 @@ dx/ds = (t1 - t0) v(x, t0 + s (t1 - t0)), one diffrax solve over the batch.
 Specs and time grids
 --------------------
 A spec is `name@N[:grid]` for fixed-step solvers ('euler@8', 'heun@5:edm',
-'euler@4:edm=3') and `rk45` (alias `dopri5`) for the adaptive one. The grid
-is `uniform` (the default) or the EDM schedule `edm` (rho = 7) / `edm=RHO`:
+'euler@4:edm=3', 'rf_solver@4', 'fireflow@4:shift=1.15') and `rk45` (alias
+`dopri5`) for the adaptive one, which takes no grid. The grid is `uniform`
+(the default), the shifted grid `shift=MU` (below) or the EDM schedule `edm`
+(rho = 7) / `edm=RHO`:
 with sigma(t) = (1 - t) / t (so t = 1 / (1 + sigma)), on the window [a, b]
 (a < b), sigma_max = sigma(a), sigma_min = sigma(b) and
     sigma_k = (sigma_max^(1/rho) + k/N (sigma_min^(1/rho)
@@ -64,6 +74,15 @@ k = 0..N, with t_0 = a and t_N = b exactly. In t the steps are short at
 both ends and long in the middle. An inverse solve (t0 > t1) walks the same
 grid backwards. The EDM grid needs t > 0 at its noise end (sigma(0) is
 infinite): float endpoints of 0 raise, traced ones give NaNs.
+The shifted grid `shift=MU` (FLUX's time shift, any finite MU) moves the
+uniform grid's noise levels nu_k = 1 - k/N (nu = 1 at the noise end a) to
+    nu'_k = e^MU nu_k / (e^MU nu_k + 1 - nu_k),  t_k = a + (b - a) (1 - nu'_k),
+i.e. t_k = a + (b - a) u / (u + e^MU (1 - u)) with u = k/N, so t_0 = a and
+t_N = b exactly. The step in u is e^-MU times the uniform one at the noise
+end and e^MU times it at the data end: MU > 0 puts the short steps at the
+noise end (a) and the long ones at the data end (b), MU < 0 the reverse, and
+MU = 0 is the uniform grid. It is finite at t = 0, and an inverse solve walks
+it backwards.
 
 rk45 NFE
 --------
@@ -96,9 +115,10 @@ Velocity = Callable[[jax.Array, jax.Array], jax.Array]
 Apply = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Time = float | jax.Array  # a scalar, or per-example (B,)
 
-SOLVERS = ('euler', 'heun', 'midpoint', 'caf', 'ddim', 'rk45')
+SOLVERS = ('euler', 'heun', 'midpoint', 'fireflow', 'rf_solver', 'caf', 'ddim',
+           'rk45')
 _ALIASES = {'dopri5': 'rk45'}
-_GRID_SPECS = 'uniform, edm, edm=RHO'
+_GRID_SPECS = 'uniform, edm, edm=RHO, shift=MU'
 _EDM_RHO = 7.0
 
 
@@ -130,6 +150,13 @@ def _check_rho(rho: Any, where: str) -> None:
     if (isinstance(rho, bool) or not isinstance(rho, (int, float))
             or not math.isfinite(rho) or rho <= 0):
         raise ValueError(f'{where}: rho must be a number > 0')
+
+
+def _check_mu(mu: Any, where: str) -> None:
+    """Raises a one-line ValueError unless mu is a finite number."""
+    if (isinstance(mu, bool) or not isinstance(mu, (int, float))
+            or not math.isfinite(mu)):
+        raise ValueError(f'{where}: mu must be a finite number')
 
 
 def _number(x: float) -> str:
@@ -243,22 +270,59 @@ def _check_noise_end(t0: Time, t1: Time) -> None:
                              '(sigma(0) = (1 - t) / t is infinite)')
 
 
+@dataclasses.dataclass(frozen=True)
+class ShiftGrid:
+    """FLUX's shifted grid: noise level nu = 1 - u (u = k/N) moved to
+    nu' = e^mu nu / (e^mu nu + 1 - nu); mu > 0 gives short steps at the noise
+    end, mu = 0 the uniform grid."""
+    mu: float
+
+    def __post_init__(self):
+        _check_mu(self.mu, f'ShiftGrid(mu={self.mu!r})')
+
+    @property
+    def key(self) -> str:
+        """e.g. 'shift=1.15' ('shift=0' for mu = -0.0 too)."""
+        return f'shift={_number(self.mu + 0.0)}'
+
+    def times(self, t0: Time, t1: Time, steps: int) -> jax.Array:
+        """The grid from t0 to t1 (see the module docstring).
+
+        On [a, b] = [min, max](t0, t1): t_k = a + (b - a) (1 - nu'_k), with
+        1 - nu'_k = u / (u + e^mu (1 - u)) (exactly 0 and 1 at the ends),
+        t_0 = a and t_N = b exactly; reversed when t1 < t0.
+        """
+        t0 = jnp.asarray(t0, jnp.float32)
+        t1 = jnp.asarray(t1, jnp.float32)
+        lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
+        u = _fractions(steps, lo)
+        scale = jnp.exp(jnp.float32(self.mu))  # inf or 0 for huge |mu|: no NaN
+        signal = u / (u + scale * (1.0 - u))  # 1 - nu'
+        ts = _pin_ends(lo + (hi - lo) * signal, lo, hi)
+        return jnp.where(t1 < t0, ts[::-1], ts)
+
+
 UNIFORM = UniformGrid()
-TimeGrid = UniformGrid | EdmGrid
+TimeGrid = UniformGrid | EdmGrid | ShiftGrid
+_UNSIGNED = r'([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?'
 
 
 def _parse_grid(text: str, where: str) -> TimeGrid:
-    """'uniform' / 'edm' / 'edm=RHO' -> a time grid."""
-    name, eq, rho_text = text.partition('=')
+    """'uniform' / 'edm' / 'edm=RHO' / 'shift=MU' -> a time grid."""
+    name, eq, value = text.partition('=')
     if not eq:
         grids = {'uniform': UNIFORM, 'edm': EdmGrid()}
         if name in grids:
             return grids[name]
     elif name == 'edm':
-        number = r'([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?'
-        rho = float(rho_text) if re.fullmatch(number, rho_text) else None
+        rho = float(value) if re.fullmatch(_UNSIGNED, value) else None
         _check_rho(rho, f'{where}: time grid {text!r}')
         return EdmGrid(rho)
+    elif name == 'shift':
+        signed = f'[-+]?{_UNSIGNED}'
+        mu = float(value) if re.fullmatch(signed, value) else None
+        _check_mu(mu, f'{where}: time grid {text!r}')
+        return ShiftGrid(mu)
     raise ValueError(f'{where}: unknown time grid {text!r} '
                      f'(expected {_GRID_SPECS})')
 
@@ -348,6 +412,53 @@ class Midpoint(FixedStepSolver):
 
 
 @dataclasses.dataclass(frozen=True)
+class RFSolver(FixedStepSolver):
+    """RF-Solver's second-order Taylor step, as its public code writes it:
+    v = v(x, t), x_m = x + dt/2 v, v_m = v(x_m, t + dt/2),
+    x' = x + dt v + dt^2/2 (v_m - v) / (dt/2).
+    Algebraically x' = x + dt v_m: it equals `Midpoint` up to rounding. An
+    empty step (dt = 0) leaves x unchanged (the quotient is taken as 0)."""
+    name: ClassVar[str] = 'rf_solver'
+    nfe_per_step: ClassVar[int] = 2
+
+    def step(self, velocity, x, t, dt, state):
+        h = _per_example(dt, x)
+        v = _v(velocity, x, t)
+        x_mid = x + 0.5 * h * v
+        v_mid = _v(velocity, x_mid, t + 0.5 * dt)
+        half = 0.5 * jnp.where(h == 0, 1.0, h)
+        dv_dt = (v_mid - v) / half
+        dx = h * v + 0.5 * h * h * dv_dt
+        return (x + dx).astype(x.dtype), state
+
+
+@dataclasses.dataclass(frozen=True)
+class FireFlow(FixedStepSolver):
+    """FireFlow (Deng et al. 2024): midpoint with the midpoint velocity reused.
+    With k the cached velocity (init: k = v(x, t0)),
+    x_m = x + dt/2 k, k' = v(x_m, t + dt/2), x' = x + dt k', and k' is cached.
+    NFE = steps + 1. The cache is kept in float32, or x's dtype if wider, so
+    the scan carry's type is fixed (bfloat16 x included)."""
+    name: ClassVar[str] = 'fireflow'
+    nfe_per_step: ClassVar[int] = 1
+    init_nfe: ClassVar[int] = 1
+
+    @staticmethod
+    def _cache(k: jax.Array, x: jax.Array) -> jax.Array:
+        return k.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+    def init(self, velocity, x, t):
+        """The first velocity, k = v(x, t0)."""
+        return self._cache(_v(velocity, x, t), x)
+
+    def step(self, velocity, x, t, dt, k):
+        h = _per_example(dt, x)
+        x_mid = x + 0.5 * h * k
+        k_mid = self._cache(_v(velocity, x_mid, t + 0.5 * dt), x)
+        return (x + h * k_mid).astype(x.dtype), k_mid
+
+
+@dataclasses.dataclass(frozen=True)
 class Heun(FixedStepSolver):
     """Euler predictor, trapezoid corrector:
     k1 = v(x, t), x' = x + dt/2 (k1 + v(x + dt k1, t + dt))."""
@@ -420,7 +531,8 @@ class DDIM(FixedStepSolver):
         return diffusion.ddim_step(velocity.process, x, eps, t, t + dt), state
 
 
-FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint, 'caf': ConstantAcceleration, 'ddim': DDIM}
+FIXED_STEP = {'euler': Euler, 'heun': Heun, 'midpoint': Midpoint, 'fireflow': FireFlow, 'rf_solver': RFSolver,
+              'caf': ConstantAcceleration, 'ddim': DDIM}
 
 
 # ------------------------------------------------------------------- rk45
@@ -551,9 +663,11 @@ class Sampler:
 
 def parse_sampler(spec: str, *, rtol: float = 1e-5,
                   atol: float = 1e-5) -> Sampler:
-    """Parses 'euler@8' / 'heun@4:edm' / 'midpoint@2:edm=3' / 'rk45'.
+    """Parses 'euler@8' / 'heun@4:edm' / 'midpoint@2:edm=3' /
+    'fireflow@4:shift=1.15' / 'rf_solver@4' / 'rk45'.
 
-    Grammar: `name@N[:grid]` with grid uniform (default), edm or edm=RHO;
+    Grammar: `name@N[:grid]` with grid uniform (default), edm, edm=RHO or
+    shift=MU;
     `rk45` (alias 'dopri5') takes neither steps nor a grid.
     """
     where = f'sampler {spec!r}'
