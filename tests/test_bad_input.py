@@ -33,10 +33,9 @@ PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",
 TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
 PF_DIGITS = '--config=experiments/perflow_digits.py:runlocal,seeds=1'
 TRANSFER_ALONE = [PF_DIGITS, '--workdir={new}', '--config.stages=("plug_s0",)']
-# fireflow_toy2d's stage 'invert' with samplers every checkout knows (its fireflow@N and rf_solver@N come with
-# the solvers of docs/methods.md, Solvers).
+# fireflow_toy2d's stage 'invert' with one sampler (and so no paired differences)
 INVERT_TOY = ['--config=experiments/fireflow_toy2d.py:runlocal', '--workdir={new}']
-INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)']
+INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)', '--config.invert.invert.differences=()']
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -236,6 +235,8 @@ CASES = [
     ('invert guidance negative', [*INVERT, '--config.invert.invert.guidance=-1'],
      ['invert.invert.guidance=-1.0', 'guidance scale, a finite number >= 0']),
     ('invert grid negative', [*INVERT, '--config.invert.invert.grid=-1'], ['invert.invert.grid=-1', 'int >= 0']),
+    ('invert difference of an unknown sampler', [*INVERT, '--config.invert.invert.differences=("euler@4=heun@2",)'],
+     ['invert.invert.differences', "'euler@4=heun@2'", 'two different keys of invert.samplers (euler@4)']),
     ('invert LPIPS of toy data', [*INVERT, '--config.invert.eval.lpips=True'],
      ['invert.eval.lpips=True', "data.kind='toy2d'"]),
 ]

@@ -79,9 +79,13 @@ def _toy(**fields):
 
 def test_invert_toy(tmp_path):
     teacher = _export(tmp_path / 'teacher', {'name': 'mlp', 'features': (16,), 'time_dim': 8, 'dropout': 0.0}, (2,))
-    config = _toy(models=('analytic', f'mlp={teacher}'))
+    config = _toy(models=('analytic', f'mlp={teacher}'), differences=('heun@3=euler@4',))
     out = invert.run(config, str(tmp_path / 'run'))
-    assert set(out) == {'analytic', 'mlp'}
+    assert set(out) == {'analytic', 'mlp', 'differences'}
+    paired = out.pop('differences')
+    assert set(paired) == {'analytic', 'mlp'} and paired['analytic']['heun@3 - euler@4']['mean'] == pytest.approx(
+        out['analytic']['heun@3']['rmse'] - out['analytic']['euler@4']['rmse'])
+    assert paired['analytic']['heun@3 - euler@4']['t'] < 0 and paired['analytic']['heun@3 - euler@4']['n'] == 48
     for name, entry in out.items():
         for spec, cell in entry.items():
             nfe = solvers.parse_sampler(spec).solver.nfe
@@ -92,14 +96,16 @@ def test_invert_toy(tmp_path):
     assert 'noise_rmse' not in out['mlp']['euler@4']
     assert out['analytic']['heun@3']['rmse'] < out['analytic']['euler@4']['rmse']
     report = json.loads((tmp_path / 'run' / 'inversion.json').read_text())
-    assert report == json.loads(json.dumps(out))
+    assert report == json.loads(json.dumps({**out, 'differences': paired}))
     md = (tmp_path / 'run' / 'inversion.md').read_text()
     cell = out['analytic']['euler@4']
     assert f"| analytic | {cell['rmse']:.4g} (8) |" in md and '## noise_rmse' in md and '## psnr' not in md
+    assert '## Paired differences (rmse)' in md and '| model | heun@3 - euler@4 |' in md
     assert not (tmp_path / 'run' / 'inversion.png').exists()
     # a second run with another model keeps the first run's entries
     again = invert.run(_toy(models=('other=' + teacher,), samplers=('euler@1',)), str(tmp_path / 'run'))
-    assert set(again) == {'analytic', 'mlp', 'other'} and again['mlp'] == out['mlp']
+    assert set(again) == {'analytic', 'mlp', 'other', 'differences'} and again['mlp'] == out['mlp']
+    assert again['differences'] == json.loads(json.dumps(paired))  # the earlier run's, kept
 
 
 def _digits(tmp_path, **fields):
@@ -188,6 +194,11 @@ def test_one_and_eight_devices_agree_lpips_included(digit_exports, tmp_path, mon
     ('guidance', 'big', r"invert.guidance='big': expected a guidance scale"),
     ('grid', -1, r'invert.grid=-1: expected an int >= 0'),
     ('grid', 1.5, r'invert.grid=1.5: expected an int >= 0'),
+    ('differences', ('euler@4',), r"invert.differences: 'euler@4': expected 'key_a=key_b'"),
+    ('differences', ('euler@4=euler@9',), r"'euler@4=euler@9': .*\(euler@4, midpoint@2, heun@3\)"),
+    ('differences', ('euler@4=euler@4',), r"invert.differences: 'euler@4=euler@4': .*two different keys"),
+    ('differences', 'euler@4=heun@3', r"invert.differences='euler@4=heun@3': expected a tuple"),
+    ('models', ('differences=/x',), r"invert.models: the label 'differences' is the report's section"),
 ])
 def test_bad_values(field, value, match):
     config = _toy(models=('analytic',))
@@ -215,19 +226,21 @@ def test_fireflow_toy2d_runlocal(tmp_path):
                      'rf_solver@16')
     assert experiment_config('fireflow_toy2d').invert.invert.samplers[-4:] == (
         'euler@33', 'fireflow@32', 'midpoint@32', 'rf_solver@32')
-    missing = [s for s in specs if s.partition('@')[0] not in solvers.SOLVERS]
-    if missing:  # fireflow@N and rf_solver@N land with the solvers branch: run the others until then
-        config.invert.invert.samplers = tuple(s for s in specs if s not in missing)
     config.invert.invert.count = 128
     pipeline.run(config, str(tmp_path))
     report = json.loads((tmp_path / 'invert' / 'inversion.json').read_text())
-    assert list(report) == ['analytic', 'teacher', 'reflow']
-    for entry in report.values():
-        assert list(entry) == list(config.invert.invert.samplers)
+    assert list(report) == ['analytic', 'teacher', 'reflow', 'differences']
+    for name in ('analytic', 'teacher', 'reflow'):
+        assert list(report[name]) == list(specs)
+        assert list(report['differences'][name]) == [p.replace('=', ' - ') for p in config.invert.invert.differences]
     analytic = report['analytic']
     assert analytic['midpoint@16']['rmse'] < analytic['midpoint@4']['rmse'] / 4
     assert analytic['midpoint@16']['noise_rmse'] < analytic['midpoint@4']['noise_rmse']
-    assert analytic['euler@5']['nfe'] == 10 and analytic['midpoint@16']['nfe'] == 64
+    assert [analytic[k]['nfe'] for k in specs[:4]] == [10, 10, 16, 16]  # euler@5, fireflow@4, midpoint@4, rf_solver@4
+    assert analytic['fireflow@16']['invert_nfe'] == 17 and analytic['midpoint@16']['nfe'] == 64
+    stats = report['differences']['analytic']['fireflow@4 - euler@5']
+    assert stats['n'] == 128
+    assert stats['mean'] == pytest.approx(analytic['fireflow@4']['rmse'] - analytic['euler@5']['rmse'])
     stage = json.loads((tmp_path / 'invert' / 'stage.json').read_text())
     assert stage['result'] == report
     print((tmp_path / 'invert' / 'inversion.md').read_text())

@@ -14,16 +14,12 @@ from ml_collections import config_dict
 import mock_tfds
 from conftest import ROOT, experiment_config
 from flowjax import checkpoint, configs, errors, pipeline, train
-from flowjax.flows import solvers
 from flowjax.methods import method, table, training
 from flowjax.models import kinds
 from test_main import _main, _one_line_error
 
 PIPELINES = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py')
                    if experiment_config(p.stem, 'runlocal').method == 'pipeline')
-# fireflow_toy2d's invert stage names fireflow@N and rf_solver@N, samplers the solvers of docs/methods.md,
-# Solvers, add: until a checkout has them, its plan is refused (tests/test_invert.py runs it without them).
-NEEDS_SOLVERS = {'fireflow_toy2d': ('fireflow', 'rf_solver')}
 
 
 def _strings(tree, prefix=''):
@@ -42,9 +38,6 @@ def _strings(tree, prefix=''):
 def test_no_stage_name_is_left_unresolved(name, tmp_path, monkeypatch):
     """Every field of every shipped pipeline that names an earlier stage is declared by its method:
     after planning, no stage config still holds a stage name where a path belongs."""
-    missing = [n for n in NEEDS_SOLVERS.get(name, ()) if n not in solvers.SOLVERS]
-    if missing:
-        pytest.skip(f'{name} needs the solvers {missing}, not in flowjax.flows.solvers yet')
     monkeypatch.setattr(training, 'check_lpips', lambda config: None)  # no VGG16 weights file here
     with mock_tfds.mock_cifar10(num_examples=8) as data_dir:  # the CIFAR experiments' data
         config = experiment_config(name, f'runlocal,data_dir={data_dir}' if 'cifar' in name else 'runlocal')

@@ -35,6 +35,7 @@ ANALYTIC = 'analytic'  # the reserved entry of invert.models: the exact Gaussian
 MIN_STD = 1e-2  # the analytic flow's per-dimension std s is floored here (constant pixels have s = 0)
 SCORES = ('rmse', 'rmse_std', 'mse', 'psnr', 'lpips', 'noise_rmse')  # the report's tables, in this order
 FILES = ('inversion.json', 'inversion.md', 'inversion.png')
+DIFFERENCES = 'differences'  # the report's section of paired differences (invert.differences), not a model
 LEGEND = (
     'Held-out real data (toy data: the first invert.count points of the held-out sample; images: invert.count '
     'dataset images, the fixed seeded subset eval.reconstruction uses, with their labels for class-conditional '
@@ -59,6 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.count = 256  # held-out examples inverted
     c.guidance = 1.0  # classifier-free guidance scale of class-conditional models (1: none)
     c.grid = 8  # images: how many examples inversion.png shows (0: no figure)
+    # 'key_a=key_b' pairs of invert.samplers: per model, the paired differences over examples of rmse a - b
+    c.differences = ()
     return c
 
 
@@ -78,6 +81,22 @@ def parse_samplers(config: ml_collections.ConfigDict) -> list[solvers.Sampler]:
         raise errors.ConfigError(f'invert.samplers: {e}') from None
 
 
+def differences(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """`invert.differences` as (key_a, key_b) pairs of invert.samplers' keys; a bad one is a one-line error."""
+    value = config.invert.get('differences', ())
+    keys = [s.key for s in parse_samplers(config)]
+    if not isinstance(value, (tuple, list)):
+        raise errors.ConfigError(f"invert.differences={value!r}: expected a tuple of 'key_a=key_b' sampler pairs")
+    out = []
+    for pair in value:
+        parts = pair.split('=') if isinstance(pair, str) else []
+        if len(parts) != 2 or not all(k in keys for k in parts) or parts[0] == parts[1]:
+            raise errors.ConfigError(f"invert.differences: {pair!r}: expected 'key_a=key_b', two different keys of "
+                                     f"invert.samplers ({', '.join(keys)})")
+        out.append((parts[0], parts[1]))
+    return out
+
+
 def model_entry(entry: str) -> tuple[str, str]:
     """(label, path) of an invert.models entry ('analytic' is (analytic, analytic))."""
     return (ANALYTIC, ANALYTIC) if entry == ANALYTIC else evaluate.model_entry(entry)
@@ -93,6 +112,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f"invert.models={models!r}: expected a non-empty tuple of exports "
                                  f"('label=path' or a stage name) or {ANALYTIC!r}")
     labels = [model_entry(m)[0] for m in models]
+    if DIFFERENCES in labels:
+        raise errors.ConfigError(f"invert.models: the label {DIFFERENCES!r} is the report's section of paired "
+                                 'differences; give the model another label')
     for label in labels:
         if labels.count(label) > 1:
             raise errors.ConfigError(f'invert.models: the label {label!r} is listed twice')
@@ -103,6 +125,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     kinds.check_guidance(inv.guidance, 'invert.guidance')
     if not _is_int(inv.grid) or inv.grid < 0:
         raise errors.ConfigError(f'invert.grid={inv.grid!r}: expected an int >= 0 (images shown; 0: no figure)')
+    differences(config)
     lpips = config.eval.get('lpips', False)
     if not isinstance(lpips, bool):
         raise errors.ConfigError(f'eval.lpips={lpips!r}: expected True or False')
@@ -233,8 +256,10 @@ def _mean(values: list[np.ndarray]) -> float | None:
 
 def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequence[solvers.Sampler], *,
                  x1: np.ndarray, labels: np.ndarray | None, eps: float, guidance: float, image: bool,
-                 source: str, shown: int = 0) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """({sampler key: cell}, {sampler key: the first `shown` reconstructions}) of one model."""
+                 source: str, shown: int = 0, pairs: Sequence[tuple[str, str]] = ()
+                 ) -> tuple[dict[str, dict], dict[str, np.ndarray], dict[str, dict]]:
+    """({sampler key: cell}, {sampler key: the first `shown` reconstructions}, {'a - b': paired statistics of
+    the per-example rmse, for each pair of `pairs` whose samplers both apply}) of one model."""
     kind = model.kind  # guidance applies to class-conditional models only
     kind = kinds.guided(kind, guidance, 'invert.guidance', f'model {name!r}') if kind.num_classes else kind
     applicable = [s for s in samplers if kind.supports(s)]
@@ -247,7 +272,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
     if analytic:
         rows.append(exact_noise(model.params, x1, kind.start(eps)))
     scale = fidelity.UINT8_SCALE if image else 1.0
-    entry, figures = {}, {}
+    entry, figures, per_example = {}, {}, {}
     for sampler in applicable:
         invert_fn, sample_fn = _kind_inverter(kind, sampler, eps), job._kind_sampler(kind, sampler, eps)
         scores: dict[str, list[np.ndarray]] = {}
@@ -269,14 +294,16 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
             if sum(map(len, outs)) < shown:
                 outs.append(got)
         cell = {'nfe': job._mean_nfe(nfe), 'invert_nfe': job._mean_nfe(nfe_in)}
-        rmse = np.concatenate(scores['rmse'])
+        rmse = per_example[sampler.key] = np.concatenate(scores['rmse'])
         cell['rmse_std'] = report.finite_or_none(float(np.std(rmse))) if np.isfinite(rmse).all() else None
         cell.update({score: _mean(values) for score, values in scores.items()})
         entry[sampler.key] = {k: cell[k] for k in ('nfe', 'invert_nfe', *SCORES) if k in cell}
         if shown:
             figures[sampler.key] = np.concatenate(outs)[:shown]
         logging.info('invert %s %s: %s', name, sampler.key, entry[sampler.key])
-    return entry, figures
+    paired = {f'{a} - {b}': report._paired([report.finite_or_none(float(d)) for d in per_example[a] - per_example[b]])
+              for a, b in pairs if a in per_example and b in per_example}
+    return entry, figures, paired
 
 
 def read_inversion(workdir: str | epath.Path) -> dict:
@@ -290,7 +317,9 @@ def _cell(value: Any, nfe: Any) -> str:
 
 
 def inversion_markdown(results: Mapping[str, Mapping[str, dict]]) -> str:
-    """One table per score: rows models, columns sampler keys, cells 'value (NFE)'."""
+    """One table per score: rows models, columns sampler keys, cells 'value (NFE)'; then the paired differences."""
+    paired = results.get(DIFFERENCES) or {}
+    results = {name: entry for name, entry in results.items() if name != DIFFERENCES}
     keys = list(dict.fromkeys(k for entry in results.values() for k in entry))
     lines = ['# Inversion report', '', LEGEND, '']
     for score in SCORES:
@@ -303,6 +332,18 @@ def inversion_markdown(results: Mapping[str, Mapping[str, dict]]) -> str:
         if rows:
             heading = f'## {score} (higher is better)' if report.higher_is_better(score) else f'## {score}'
             lines += [heading, ''] + report._table(['model', *keys], rows) + ['']
+    columns = list(dict.fromkeys(c for stats in paired.values() for c in stats))
+    if columns:
+        def cell(stats):
+            if stats is None:
+                return '-'
+            text = 'n/a' if stats['mean'] is None else f"{stats['mean']:.4g} ± {stats['std']:.2g}"
+            return text + (f" (t {stats['t']:.2g})" if 't' in stats else '')
+
+        note = ('Per model, over the inverted examples: mean ± sample std of rmse(a) - rmse(b) and the paired t '
+                'statistic mean / (std / sqrt(n)); negative: sampler a reconstructs better.')
+        rows = [[name, *(cell(stats.get(c)) for c in columns)] for name, stats in paired.items()]
+        lines += ['## Paired differences (rmse)', '', note, ''] + report._table(['model', *columns], rows) + ['']
     return '\n'.join(lines)
 
 
@@ -333,9 +374,13 @@ def save_figure(path: epath.Path, sources: np.ndarray, shown: Mapping[str, Mappi
 
 
 def write_report(workdir: epath.Path, results: Mapping[str, dict]) -> dict:
-    """Merges `results` into the workdir's inversion.json (model by model) and writes it and inversion.md
-    atomically on process 0; returns the merged report."""
-    merged = {**read_inversion(workdir), **results}
+    """Merges `results` into the workdir's inversion.json (model by model, and its differences model by
+    model) and writes it and inversion.md atomically on process 0; returns the merged report."""
+    earlier = read_inversion(workdir)
+    merged = {**earlier, **results}
+    paired = {**(earlier.get(DIFFERENCES) or {}), **(results.get(DIFFERENCES) or {})}
+    if paired:
+        merged[DIFFERENCES] = paired
     if jax.process_index() == 0:
         report._write_atomic(workdir / FILES[0], json.dumps(merged, indent=2) + '\n')
         report._write_atomic(workdir / FILES[1], inversion_markdown(merged))
@@ -354,14 +399,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     x1 = np.asarray(x1, np.float32)
     source = 'data.image' if image else 'the held-out data'
     shown = min(inv.grid, inv.count) if image else 0
-    results, figures = {}, {}
+    pairs = differences(config)
+    results, figures, paired = {}, {}, {}
     for entry in inv.models:
         name, model = _load(entry, x1)
-        results[name], panels = invert_model(name, model, suite, samplers, x1=x1, labels=labels,
-                                             eps=config.flow.t_eps, guidance=inv.guidance, image=image,
-                                             source=source, shown=shown)
+        results[name], panels, paired[name] = invert_model(
+            name, model, suite, samplers, x1=x1, labels=labels, eps=config.flow.t_eps, guidance=inv.guidance,
+            image=image, source=source, shown=shown, pairs=pairs)
         if shown:
             figures[name] = panels
+    if pairs:
+        results[DIFFERENCES] = paired
     merged = write_report(workdir, results)
     if shown and jax.process_index() == 0:
         title = f'inversion on {datasets.describe(config)}'
