@@ -67,7 +67,8 @@ def _stage_config(config: ml_collections.ConfigDict, stage: str, method: method_
 
     Only the fields `method` declares as references are resolved; `fingerprints` holds the stages
     before this one: a reference to any other is an error. An entry of a tuple reference (eval.models)
-    naming a stand-in stage (in `standins`) keeps the stage name as its label.
+    naming a stand-in stage (in `standins`) keeps the stage name as its label; one of the method's
+    `reserved` entries is left as it is.
     """
     cfg = ml_collections.ConfigDict(config[stage].to_dict())
     # stage names, not paths: a moved workdir still matches
@@ -80,7 +81,7 @@ def _stage_config(config: ml_collections.ConfigDict, stage: str, method: method_
             cfg[section][name], ref = _resolve(value, f'{stage}.{field}', dirs)
             depends += [ref] if ref else []
         elif isinstance(value, (tuple, list)) and value:
-            resolved = [_resolve(v, f'{stage}.{field}', dirs) for v in value]
+            resolved = [(v, None) if v in method.reserved else _resolve(v, f'{stage}.{field}', dirs) for v in value]
             cfg[section][name] = tuple(f'{v}={path}' if v in standins else path
                                        for v, (path, _) in zip(value, resolved))
             depends += [ref for _, ref in resolved if ref]

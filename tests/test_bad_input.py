@@ -33,8 +33,11 @@ PERFLOW_ALONE = [TOY_PERFLOW, '--workdir={new}', '--config.stages=("perflow_k4",
 TOY_DDPM = '--config=experiments/ddpm_toy2d.py:runlocal'
 PF_DIGITS = '--config=experiments/perflow_digits.py:runlocal,seeds=1'
 TRANSFER_ALONE = [PF_DIGITS, '--workdir={new}', '--config.stages=("plug_s0",)']
-EDIT = '--config=experiments/edit_digits.py:runlocal'
-EDIT_ALONE = [EDIT, '--workdir={new}', '--config.stages=("edit",)']  # the edit stage of an export given to it
+# fireflow_toy2d's stage 'invert' with one sampler (and so no paired differences)
+INVERT_TOY = ['--config=experiments/fireflow_toy2d.py:runlocal', '--workdir={new}']
+INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)', '--config.invert.invert.differences=()']
+EDIT = '--config=experiments/fireflow_digits.py:runlocal'
+EDIT_ALONE = [EDIT, '--workdir={new}', '--config.stages=("edit_s0",)']  # the edit stage of an export given to it
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -54,6 +57,8 @@ CASES = [
     ('unknown solver', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("eulr@4",)'], ['eulr']),
     ('unknown time grid', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("euler@4:edm=-1",)'],
      ['eval.samplers', "edm=-1", 'rho must be a number > 0']),
+    ('label dropout not a probability', [EDIT, '--workdir={new}', '--config.teacher_s0.model.label_dropout=1.5'],
+     ['model.label_dropout=1.5', 'probability in [0, 1)']),
     ('guidance scale negative', [TOY_RF, '--workdir={new}', '--config.eval.guidance=-1.0'],
      ['eval.guidance=-1.0', 'expected a guidance scale']),
     ('guidance of an unconditional model', [TOY_RF, '--workdir={new}', '--config.eval.guidance=2.0'],
@@ -226,39 +231,61 @@ CASES = [
      ["flow.time='u_shaped'", 'ddpm draws its own times, k uniform in {1..T}']),
     ('ddim@N to train a velocity model', [TOY_RF, '--workdir={new}', '--config.eval.samplers=("ddim@4",)'],
      ["eval.samplers=('ddim@4',)", "none applies to a model of kind 'velocity'"]),
-    # edit (docs/methods.md, Editing (method edit)): edit_digits' stage 'edit', with its teacher stage or alone with
+    # invert (docs/methods.md, Inversion (method invert)): the invert section of fireflow_toy2d's stage 'invert'.
+    # More bad values (of every field's type) and a sampler that applies to no model: tests/test_invert.py.
+    ('invert models empty', [*INVERT, '--config.invert.invert.models=()'],
+     ['invert.invert.models=()', 'non-empty tuple', "'analytic'"]),
+    ('invert model listed twice', [*INVERT, '--config.invert.invert.models=("analytic","analytic")'],
+     ['invert.invert.models', "label 'analytic' is listed twice"]),
+    ('invert model neither stage nor export', [*INVERT, '--config.invert.invert.models=("nothing",)'],
+     ['invert.invert.models=', 'nothing', 'neither an earlier stage']),
+    ('invert samplers empty', [*INVERT_TOY, '--config.invert.invert.samplers=()'],
+     ['invert.invert.samplers=()', 'non-empty tuple of sampler specs']),
+    ('invert unknown sampler', [*INVERT_TOY, '--config.invert.invert.samplers=("eulr@4",)'],
+     ['invert.invert.samplers', "unknown solver 'eulr'"]),
+    ('invert count 0', [*INVERT, '--config.invert.invert.count=0'], ['invert.invert.count=0', 'int >= 1']),
+    ('invert count beyond the held-out sample', [*INVERT, '--config.invert.invert.count=300'],
+     ['invert.invert.count=300', 'more than the 256 points', 'eval.num_samples']),
+    ('invert guidance negative', [*INVERT, '--config.invert.invert.guidance=-1'],
+     ['invert.invert.guidance=-1.0', 'guidance scale, a finite number >= 0']),
+    ('invert grid negative', [*INVERT, '--config.invert.invert.grid=-1'], ['invert.invert.grid=-1', 'int >= 0']),
+    ('invert difference of an unknown sampler', [*INVERT, '--config.invert.invert.differences=("euler@4=heun@2",)'],
+     ['invert.invert.differences', "'euler@4=heun@2'", 'two different keys of invert.samplers (euler@4)']),
+    ('invert LPIPS of toy data', [*INVERT, '--config.invert.eval.lpips=True'],
+     ['invert.eval.lpips=True', "data.kind='toy2d'"]),
+    # edit (docs/methods.md, Editing (method edit)): fireflow_digits' stage 'edit_s0', with its teacher stage or alone with
     # an export given (digits_cond: class-conditional, no label dropout). More refusals: tests/test_edit.py.
-    ('edit model missing', [*EDIT_ALONE, '--config.edit.edit.model='], ['edit.edit.model', 'is required']),
-    ('edit model export missing', [*EDIT_ALONE, '--config.edit.edit.model={new}/nothing'],
-     ['edit.edit.model=', 'neither an earlier stage nor an existing directory']),
-    ('edit model not class-conditional', [*EDIT_ALONE, '--config.edit.edit.model={teacher_a}'],
+    ('edit model missing', [*EDIT_ALONE, '--config.edit_s0.edit.model='], ['edit_s0.edit.model', 'is required']),
+    ('edit model export missing', [*EDIT_ALONE, '--config.edit_s0.edit.model={new}/nothing'],
+     ['edit_s0.edit.model=', 'neither an earlier stage nor an existing directory']),
+    ('edit model not class-conditional', [*EDIT_ALONE, '--config.edit_s0.edit.model={teacher_a}'],
      ['edit.model=', 'is not class-conditional', 'model.num_classes > 0']),
-    ('edit samplers empty', [EDIT, '--workdir={new}', '--config.edit.edit.samplers=()'],
-     ['edit.edit.samplers=()', 'non-empty tuple of distinct sampler specs']),
-    ('edit unknown sampler', [EDIT, '--workdir={new}', '--config.edit.edit.samplers=("eulr@2",)'],
-     ['edit.edit.samplers', "unknown solver 'eulr'"]),
-    ('edit sampler of another kind', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}',
-                                      '--config.edit.edit.guidance=(1.0,)', '--config.edit.edit.samplers=("caf@2",)'],
+    ('edit samplers empty', [EDIT, '--workdir={new}', '--config.edit_s0.edit.samplers=()'],
+     ['edit_s0.edit.samplers=()', 'non-empty tuple of distinct sampler specs']),
+    ('edit unknown sampler', [EDIT, '--workdir={new}', '--config.edit_s0.edit.samplers=("eulr@2",)'],
+     ['edit_s0.edit.samplers', "unknown solver 'eulr'"]),
+    ('edit sampler of another kind', [*EDIT_ALONE, '--config.edit_s0.edit.model={digits_cond}',
+                                      '--config.edit_s0.edit.guidance=(1.0,)', '--config.edit_s0.edit.samplers=("caf@2",)'],
      ["edit.samplers: 'caf@2' does not apply", "kind 'velocity'"]),
-    ('edit guidance negative', [EDIT, '--workdir={new}', '--config.edit.edit.guidance=(1.0,-2.0)'],
-     ['edit.edit.guidance=-2.0', 'finite number >= 0']),
-    ('edit guidance empty', [EDIT, '--workdir={new}', '--config.edit.edit.guidance=()'],
-     ['edit.edit.guidance=()', 'non-empty tuple of guidance scales']),
-    ('edit guidance without a null label', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}'],
+    ('edit guidance negative', [EDIT, '--workdir={new}', '--config.edit_s0.edit.guidance=(1.0,-2.0)'],
+     ['edit_s0.edit.guidance=-2.0', 'finite number >= 0']),
+    ('edit guidance empty', [EDIT, '--workdir={new}', '--config.edit_s0.edit.guidance=()'],
+     ['edit_s0.edit.guidance=()', 'non-empty tuple of guidance scales']),
+    ('edit guidance without a null label', [*EDIT_ALONE, '--config.edit_s0.edit.model={digits_cond}'],
      ['edit.guidance=2', 'has no null label', 'model.label_dropout > 0']),
-    ('edit count 0', [EDIT, '--workdir={new}', '--config.edit.edit.count=0'], ['edit.edit.count=0', 'integer >= 1']),
-    ('edit count beyond the images', [EDIT, '--workdir={new}', '--config.edit.edit.count=2000'],
-     ['edit.edit.count=2000', 'more than the 1797 images']),
-    ('edit grid 0', [EDIT, '--workdir={new}', '--config.edit.edit.grid=0'], ['edit.edit.grid=0', 'integer >= 1']),
-    ('edit targets unknown', [EDIT, '--workdir={new}', '--config.edit.edit.targets=every'],
-     ["edit.edit.targets='every'", "'all', 'next' or a non-empty tuple of distinct class ids"]),
-    ('edit targets repeated', [EDIT, '--workdir={new}', '--config.edit.edit.targets=(1,1)'],
-     ['edit.edit.targets=(1, 1)', 'distinct class ids']),
-    ('edit target beyond the classes', [*EDIT_ALONE, '--config.edit.edit.model={digits_cond}',
-                                        '--config.edit.edit.guidance=(1.0,)', '--config.edit.edit.targets=(3,12)'],
+    ('edit count 0', [EDIT, '--workdir={new}', '--config.edit_s0.edit.count=0'], ['edit_s0.edit.count=0', 'integer >= 1']),
+    ('edit count beyond the images', [EDIT, '--workdir={new}', '--config.edit_s0.edit.count=2000'],
+     ['edit_s0.edit.count=2000', 'more than the 1797 images']),
+    ('edit grid 0', [EDIT, '--workdir={new}', '--config.edit_s0.edit.grid=0'], ['edit_s0.edit.grid=0', 'integer >= 1']),
+    ('edit targets unknown', [EDIT, '--workdir={new}', '--config.edit_s0.edit.targets=every'],
+     ["edit_s0.edit.targets='every'", "'all', 'next' or a non-empty tuple of distinct class ids"]),
+    ('edit targets repeated', [EDIT, '--workdir={new}', '--config.edit_s0.edit.targets=(1,1)'],
+     ['edit_s0.edit.targets=(1, 1)', 'distinct class ids']),
+    ('edit target beyond the classes', [*EDIT_ALONE, '--config.edit_s0.edit.model={digits_cond}',
+                                        '--config.edit_s0.edit.guidance=(1.0,)', '--config.edit_s0.edit.targets=(3,12)'],
      ['edit.targets=(3, 12)', 'class 12 is not a class', 'num_classes=10']),
-    ('edit of toy data', [EDIT, '--workdir={new}', '--config.edit.data.kind=toy2d'],
-     ["edit.data.kind='toy2d'", "data.kind='image'"]),
+    ('edit of toy data', [EDIT, '--workdir={new}', '--config.edit_s0.data.kind=toy2d'],
+     ["edit_s0.data.kind='toy2d'", "data.kind='image'"]),
 ]
 
 
@@ -295,7 +322,7 @@ def made(tmp_path_factory):
     checkpoint.export(root / 'caf_a', jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                       train.export_meta(caf_stage, kind, (2,), caf_stage.train.steps))
     # edit: a class-conditional NCSN++ digits export without label dropout, its weights zeros (no null label)
-    edit_stage = experiment_config('edit_digits', 'runlocal').teacher
+    edit_stage = experiment_config('fireflow_digits', 'runlocal').teacher_s0
     edit_stage.model.label_dropout = 0.0
     kind = kinds.from_config(edit_stage)
     shapes = jax.eval_shape(lambda key: kind.init(key, (8, 8, 1)), jax.random.key(0))

@@ -69,6 +69,8 @@ class Method:
     reads:      the shared sections of `configs.base()` the method reads.
     lpips:      `(config) -> bool`: whether this config uses the LPIPS network (then the
                 `lpips` section is read too).
+    reserved:   entries of a tuple reference that name neither a stage nor a path and are
+                left as they are (invert.models' 'analytic').
     """
 
     name: str
@@ -78,6 +80,7 @@ class Method:
     references: tuple[str, ...] = ()
     reads: tuple[str, ...] = TRAINING_READS
     lpips: Callable[[ml_collections.ConfigDict], bool] = uses_lpips
+    reserved: tuple[str, ...] = ()
 
     def defaults(self) -> ml_collections.ConfigDict:
         """`configs.base()` with this method selected and its own section added."""

@@ -11,7 +11,7 @@ import copy
 import ml_collections
 
 from flowjax import evaluate, generate
-from flowjax.methods import (caf, ddpm, distill, edit, method, perflow, reflow, rf, slimflow_distill,
+from flowjax.methods import (caf, ddpm, distill, edit, invert, method, perflow, reflow, rf, slimflow_distill,
                              slimflow_reflow, transfer)
 
 METHODS: dict[str, method.Method] = {m.name: m for m in (
@@ -26,6 +26,7 @@ METHODS: dict[str, method.Method] = {m.name: m for m in (
     perflow.METHOD,
     transfer.METHOD,
     evaluate.METHOD,
+    invert.METHOD,
     edit.METHOD,
 )}
 PIPELINE = 'pipeline'  # a list of stages (flowjax/pipeline.py), dispatched by main
