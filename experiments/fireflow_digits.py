@@ -38,24 +38,6 @@ CLASSES = 10
 LABEL_DROPOUT = 0.1
 
 
-def inversion_samplers(sizes) -> tuple[str, ...]:
-    """For each N: euler@(N + 1), fireflow@N, midpoint@(N / 2), midpoint@N, rf_solver@N (each once)."""
-    out = []
-    for n in sizes:
-        for spec in (f'euler@{n + 1}', f'fireflow@{n}', f'midpoint@{max(n // 2, 1)}', f'midpoint@{n}',
-                     f'rf_solver@{n}'):
-            out += [spec] if spec not in out else []
-    return tuple(out)
-
-
-def inversion_pairs(sizes) -> tuple[str, ...]:
-    """The paired comparisons of FireFlow: with Euler at equal NFE, midpoint at about equal and twice the NFE."""
-    out = []
-    for n in sizes:
-        out += [f'fireflow@{n}=euler@{n + 1}', f'fireflow@{n}=midpoint@{max(n // 2, 1)}', f'fireflow@{n}=midpoint@{n}']
-    return tuple(dict.fromkeys(out))
-
-
 def _conditional(stage, seed):
     """A copy of a recipe stage with the class-conditional network that guidance needs, seeded."""
     c = copy.deepcopy(stage)
@@ -70,7 +52,7 @@ def get_config(arg=None):
     recipe = configs.experiment(__file__, 'digits_reflow',
                                 'runlocal' if arg.runlocal else f'steps={arg.steps}')
     seeds = 1 if arg.runlocal else arg.seeds
-    sizes = (2, 4) if arg.runlocal else SIZES
+    sizes = (2,) if arg.runlocal else SIZES
     stages, models = {}, []
     for s in range(seeds):
         teacher = _conditional(recipe.teacher, s)
@@ -83,8 +65,9 @@ def get_config(arg=None):
 
     invert = table.for_method(recipe.evaluate, 'invert')
     invert.invert.models = ('analytic', *models)
-    invert.invert.samplers = inversion_samplers(sizes)
-    invert.invert.differences = inversion_pairs(sizes)
+    toy = configs.experiment_module(__file__, 'fireflow_toy2d')  # the same samplers and pairs as on toy data
+    invert.invert.samplers = toy.samplers(sizes)
+    invert.invert.differences = toy.pairs(sizes)
     invert.invert.count = 16 if arg.runlocal else arg.count
     stages['invert'] = invert
 

@@ -6,8 +6,8 @@
 The teacher, its couplings and the 2-RF student are `toy2d_reflow.py`'s stages. The `invert` stage
 (docs/methods.md, Inversion (method invert)) inverts held-out points to noise and regenerates them with
 the analytic Gaussian flow of those points, the teacher and the student, with samplers at matched NFE
-for N in NS: euler@(N+1) and fireflow@N (N + 1 per direction), midpoint@N and rf_solver@N (2N), and
-the paired differences of their per-point errors (`pairs`).
+for N in NS: euler@(N+1) and fireflow@N (N + 1 per direction), midpoint@(N/2) (about N), midpoint@N
+and rf_solver@N (2N), and the paired differences of their per-point errors (`pairs`).
 Arguments: `runlocal` (N in 4 and 16), `target=` (moons, 8gaussians, ...), `count=` points inverted (256).
 """
 
@@ -19,15 +19,18 @@ LOCAL_NS = (4, 16)
 
 
 def samplers(ns) -> tuple[str, ...]:
-    """The invert stage's samplers: per N, euler@(N+1), fireflow@N, midpoint@N, rf_solver@N."""
-    return tuple(spec for n in ns for spec in (f'euler@{n + 1}', f'fireflow@{n}', f'midpoint@{n}', f'rf_solver@{n}'))
+    """The invert stage's samplers, per N: euler@(N+1) and fireflow@N (N + 1 NFE per direction),
+    midpoint@(N/2) (about N), midpoint@N and rf_solver@N (2N); each once."""
+    specs = (f'{spec}' for n in ns for spec in (f'euler@{n + 1}', f'fireflow@{n}', f'midpoint@{max(n // 2, 1)}',
+                                                 f'midpoint@{n}', f'rf_solver@{n}'))
+    return tuple(dict.fromkeys(specs))
 
 
 def pairs(ns) -> tuple[str, ...]:
-    """The paired comparisons per N: FireFlow against Euler at equal NFE and against midpoint, RF-Solver against
-    midpoint (both about twice the NFE)."""
-    return tuple(p for n in ns for p in (f'fireflow@{n}=euler@{n + 1}', f'fireflow@{n}=midpoint@{n}',
-                                         f'rf_solver@{n}=midpoint@{n}'))
+    """The paired comparisons per N: FireFlow against Euler at equal NFE, against midpoint at about equal and at
+    twice the NFE; RF-Solver against midpoint at the same NFE (equal up to rounding)."""
+    return tuple(p for n in ns for p in (f'fireflow@{n}=euler@{n + 1}', f'fireflow@{n}=midpoint@{max(n // 2, 1)}',
+                                         f'fireflow@{n}=midpoint@{n}', f'rf_solver@{n}=midpoint@{n}'))
 
 
 def get_config(arg=None):
