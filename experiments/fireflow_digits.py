@@ -82,6 +82,6 @@ def get_config(arg=None):
     evaluate = recipe.evaluate
     evaluate.eval.models = tuple(models)
     evaluate.eval.couplings = None
-    evaluate.eval.samplers = ('euler@1', 'euler@4', 'fireflow@4', 'euler@8' if arg.runlocal else 'euler@32')
+    evaluate.eval.samplers = ('euler@1', 'fireflow@4') if arg.runlocal else ('euler@1', 'euler@4', 'fireflow@4', 'euler@32')
     stages['evaluate'] = evaluate
     return configs.pipeline(**stages)

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import experiment_config
 from flowjax import errors, generate
-from flowjax.data import couplings
-from flowjax.methods import distill, reflow, rf, table, training
+from flowjax.methods import distill, rf, table, training
 from flowjax.metrics import lpips
 
 
@@ -31,25 +30,9 @@ def _digits(method, **fields):
     return c
 
 
-def test_class_conditional_rf_generate_reflow(tmp_path):
-    """num_classes > 0: training on the digit labels, labelled couplings, a labelled evaluation."""
-    teacher = _digits('rf', num_classes=10)
-    rf.run(teacher, str(tmp_path / 'teacher'))
-    pairs = _digits('generate', num_classes=10)
-    pairs.generate.update(teacher=str(tmp_path / 'teacher'), num_pairs=40, batch_size=16, shard_size=24,
-                          sampler='euler@2')
-    generate.run(pairs, str(tmp_path / 'pairs'))
-    store = couplings.open_store(tmp_path / 'pairs').load()
-    assert store['label'].shape == (40,) and set(np.unique(store['label'])) <= set(range(10))
-    assert len(np.unique(store['label'])) > 3
-
-    student = _digits('reflow', num_classes=10)
-    student.reflow.couplings = str(tmp_path / 'pairs')
-    student.eval.samplers = ('euler@1',)
-    student.eval.metric = 'none'
-    report = reflow.run(student, str(tmp_path / 'reflow'))
-    assert report['reflow']['euler@1'] == {'nfe': 1}
-
+def test_class_conditional_training_needs_labelled_images(tmp_path):
+    """num_classes > 0 on images without labels: refused in one line. (Training on the digit labels, labelled
+    couplings, a labelled 2-RF student and evaluation run in test_fireflow_experiments.py.)"""
     unlabelled = _digits('rf', num_classes=10)
     unlabelled.data.image = {'name': 'npz', 'path': str(_npz_without_labels(tmp_path))}
     with pytest.raises(errors.UserError, match='num_classes=10.*no labels'):
