@@ -8,14 +8,14 @@ The teacher, its couplings and the 2-RF student are `toy2d_reflow.py`'s stages. 
 the analytic Gaussian flow of those points, the teacher and the student, with samplers at matched NFE
 for N in NS: euler@(N+1) and fireflow@N (N + 1 per direction), midpoint@(N/2) (about N), midpoint@N
 and rf_solver@N (2N), and the paired differences of their per-point errors (`pairs`).
-Arguments: `runlocal` (N in 4 and 16), `target=` (moons, 8gaussians, ...), `count=` points inverted (256).
+Arguments: `runlocal` (N = 4 only), `target=` (moons, 8gaussians, ...), `count=` points inverted (256).
 """
 
 from flowjax import configs
 from flowjax.methods import table
 
 NS = (4, 8, 16, 32)
-LOCAL_NS = (4, 16)
+LOCAL_NS = (4,)
 
 
 def samplers(ns) -> tuple[str, ...]:

@@ -101,7 +101,7 @@ def test_toy_exact_flow_and_perturbed_flow_by_hand(tmp_path):
     assert 'caf@2' not in result['exact']  # a velocity field has no CAF update: skipped
     for key in ('euler@2', 'caf@2'):  # CAF regenerates with the data's v0: NFE 2N + 1
         sampler = solvers.parse_sampler(key)
-        regenerated, nfe = job._kind_reconstructor(caf.kind, sampler, EPS)(caf.params, held_out, None)
+        regenerated, nfe = job.kind_function(caf.kind, 'reconstruct', sampler, EPS)(caf.params, held_out, None)
         cell = result['caf'][key]
         assert cell['reconstruction_nfe'] == int(nfe) == 5 and cell['preservation_nfe'] == 3
         assert cell['reconstruction_mse'] == pytest.approx(np.mean(fidelity.mse(regenerated, held_out)), rel=1e-6)

@@ -117,7 +117,7 @@ class Flow:
 
     def sample(self, sampler: solvers.Sampler, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
         """(x1, nfe): the samples of chunk `chunk` from its starts x0."""
-        return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self._label(chunk))
+        return kind_function(self.kind, 'sample', sampler, self.eps)(self.params, x0, self._label(chunk))
 
     def labelled(self, label: jax.Array | None) -> jax.Array | None:
         """Given labels (e.g. stored ones) for a class-conditional model, None for an unconditional one."""
@@ -126,12 +126,12 @@ class Flow:
     def reconstruct(self, sampler: solvers.Sampler, x1: jax.Array,
                     label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """(x1 regenerated, nfe): data inverted to noise and sampled back, through the kind."""
-        return _kind_reconstructor(self.kind, sampler, self.eps)(self.params, x1, self.labelled(label))
+        return kind_function(self.kind, 'reconstruct', sampler, self.eps)(self.params, x1, self.labelled(label))
 
     def sample_from(self, sampler: solvers.Sampler, x0: jax.Array,
                     label: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """(x1, nfe): samples from given starts (e.g. stored x0) with given labels."""
-        return _kind_sampler(self.kind, sampler, self.eps)(self.params, x0, self.labelled(label))
+        return kind_function(self.kind, 'sample', sampler, self.eps)(self.params, x0, self.labelled(label))
 
     def path(self, steps: int, x0: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
         """(xs, vs): the kind's Euler path from its start to 1 in `steps` steps and its step velocities."""
@@ -143,24 +143,16 @@ class Flow:
         return 1.0 - self.kind.start(self.eps)
 
 
-@functools.lru_cache(maxsize=64)
-def _kind_sampler(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
-    """Jitted `(params, x0, labels) -> (x1, nfe)` of a kind; params traced, one compile per kind."""
+@functools.lru_cache(maxsize=128)
+def kind_function(kind: kinds.Kind, operation: str, sampler: solvers.Sampler, eps: float):
+    """Jitted `(params, x, labels) -> (x_out, nfe)` of `kind.<operation>` ('sample', 'invert' or
+    'reconstruct') with `sampler`: params traced, one compile per (kind, operation, sampler); labels
+    (None for an unconditional model) cut to x's rows."""
+    run = getattr(kind, operation)
 
     @jax.jit
-    def fn(params, x0, label):
-        return kind.sample(params, x0, sampler, eps=eps, label=None if label is None else label[:len(x0)])
-
-    return fn
-
-
-@functools.lru_cache(maxsize=64)
-def _kind_reconstructor(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
-    """Jitted `(params, x1, labels) -> (x1 regenerated, nfe)` of a kind (`kind.reconstruct`)."""
-
-    @jax.jit
-    def fn(params, x1, label):
-        return kind.reconstruct(params, x1, sampler, eps=eps, label=label)
+    def fn(params, x, label):
+        return run(params, x, sampler, eps=eps, label=None if label is None else label[:len(x)])
 
     return fn
 
@@ -176,7 +168,7 @@ def _kind_path(kind: kinds.Kind, steps: int, eps: float):
     return fn
 
 
-def _mean_nfe(nfes: Sequence[int]) -> int:
+def mean_nfe(nfes: Sequence[int]) -> int:
     return int(round(float(np.mean(nfes))))
 
 
@@ -189,7 +181,7 @@ def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[
         shown = suite.shown(x1) if shown is None else shown
         measures.append(suite.measure(x1))
         nfes.append(int(nfe))
-    return suite.score(measures, _mean_nfe(nfes)), shown
+    return suite.score(measures, mean_nfe(nfes)), shown
 
 
 def _task_labels(flow: Flow, task: fidelity.Task, name: str) -> np.ndarray | None:
@@ -223,7 +215,7 @@ def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequ
             nfes.append(int(nfe))
         for score, values in scores.items():
             cell[f'{task.name}_{score}'] = report.finite_or_none(float(np.mean(np.concatenate(values))))
-        cell[f'{task.name}_nfe'] = _mean_nfe(nfes)
+        cell[f'{task.name}_nfe'] = mean_nfe(nfes)
     return cell
 
 

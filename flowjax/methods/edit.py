@@ -14,7 +14,6 @@ against its source, and the NFE of both solves. Writes edit.json, edit.md and ed
 """
 
 import dataclasses
-import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from ml_collections import config_dict
 
 from flowjax import checkpoint, errors, sharding
 from flowjax.data import datasets
-from flowjax.evaluation import fidelity, images, report
+from flowjax.evaluation import fidelity, images, job, report
 from flowjax.flows import solvers
 from flowjax.methods import method
 from flowjax.models import kinds
@@ -128,18 +127,6 @@ def uses_lpips(config: ml_collections.ConfigDict) -> bool:
 # ----------------------------------------------------------------------------------------------- the edit
 
 
-@functools.lru_cache(maxsize=64)
-def _inverter(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
-    """Jitted `(params, x1, label) -> (z, nfe)`: `kind.invert` at the kind's own guidance, params traced."""
-    return jax.jit(lambda params, x1, label: kind.invert(params, x1, sampler, eps=eps, label=label))
-
-
-@functools.lru_cache(maxsize=64)
-def _regenerator(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
-    """Jitted `(params, z, label) -> (x1, nfe)`: `kind.sample` (a guided kind guides), params traced."""
-    return jax.jit(lambda params, z, label: kind.sample(params, z, sampler, eps=eps, label=label))
-
-
 def plain(kind: kinds.Kind) -> kinds.Kind:
     """`kind` without guidance (scale 1): what inversion runs."""
     return dataclasses.replace(kind, guidance=1.0) if kind.guidance != 1.0 else kind
@@ -148,7 +135,7 @@ def plain(kind: kinds.Kind) -> kinds.Kind:
 def invert(kind: kinds.Kind, params: Any, x1: jax.Array, source: jax.Array, sampler: solvers.Sampler, *,
            eps: float) -> tuple[jax.Array, jax.Array]:
     """(noise, nfe): images x1 of classes `source` inverted with `sampler` at guidance 1."""
-    return _inverter(plain(kind), sampler, eps)(params, x1, source)
+    return job.kind_function(plain(kind), 'invert', sampler, eps)(params, x1, source)
 
 
 def regenerate(kind: kinds.Kind, params: Any, z: jax.Array, target: jax.Array, sampler: solvers.Sampler, *,
@@ -156,7 +143,7 @@ def regenerate(kind: kinds.Kind, params: Any, z: jax.Array, target: jax.Array, s
     """(images, nfe): noise z sampled with classes `target` at `guidance` (the NFE counts guidance's calls);
     a scale other than 1 on a model without a null label is the one-line error of `kinds.guided`."""
     guided = kinds.guided(plain(kind), guidance, 'edit.guidance', name)
-    return _regenerator(guided, sampler, eps)(params, z, target)
+    return job.kind_function(guided, 'sample', sampler, eps)(params, z, target)
 
 
 def edit(kind: kinds.Kind, params: Any, x1: jax.Array, source: jax.Array, target: jax.Array,

@@ -12,7 +12,6 @@ fitted per dimension to the same held-out examples (`analytic_model`): its inver
 form, so its rows also report `noise_rmse`, the solver's inversion error alone.
 """
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -203,17 +202,6 @@ def exact_noise(params: Mapping[str, np.ndarray], x1: np.ndarray, start: float) 
 # --------------------------------------------------------------------------------------------- the job
 
 
-@functools.lru_cache(maxsize=64)
-def _kind_inverter(kind: kinds.Kind, sampler: solvers.Sampler, eps: float):
-    """Jitted `(params, x1, labels) -> (z, nfe)` of a kind (`kind.invert`); params traced, one compile per kind."""
-
-    @jax.jit
-    def fn(params, x1, label):
-        return kind.invert(params, x1, sampler, eps=eps, label=label)
-
-    return fn
-
-
 def _suite(config: ml_collections.ConfigDict, workdir: epath.Path) -> job.Suite:
     """The data kind's suite, only for its held-out data, chunks and compare: images without a metric
     network (eval.metric 'none') and with LPIPS as eval.lpips says."""
@@ -274,7 +262,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
     scale = fidelity.UINT8_SCALE if image else 1.0
     entry, figures, per_example = {}, {}, {}
     for sampler in applicable:
-        invert_fn, sample_fn = _kind_inverter(kind, sampler, eps), job._kind_sampler(kind, sampler, eps)
+        invert_fn, sample_fn = (job.kind_function(kind, op, sampler, eps) for op in ('invert', 'sample'))
         scores: dict[str, list[np.ndarray]] = {}
         nfe_in, nfe = [], []
         outs = []
@@ -293,7 +281,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
             nfe.append(int(n_in) + int(n_out))
             if sum(map(len, outs)) < shown:
                 outs.append(got)
-        cell = {'nfe': job._mean_nfe(nfe), 'invert_nfe': job._mean_nfe(nfe_in)}
+        cell = {'nfe': job.mean_nfe(nfe), 'invert_nfe': job.mean_nfe(nfe_in)}
         rmse = per_example[sampler.key] = np.concatenate(scores['rmse'])
         cell['rmse_std'] = report.finite_or_none(float(np.std(rmse))) if np.isfinite(rmse).all() else None
         cell.update({score: _mean(values) for score, values in scores.items()})
