@@ -123,8 +123,8 @@ def test_refused_without_a_null_label(field):
 
 @pytest.mark.parametrize('make', ['ddpm', 'caf', 'piecewise'])
 def test_every_kind_guides(make):
-    """Each kind's guided samples differ from its conditional ones, equal its null label's at scale 0,
-    and count twice the calls at scale 2."""
+    """Each kind samples with fireflow@2; its guided samples differ from its conditional ones, equal its null
+    label's at scale 0, and count twice the calls at scale 2."""
     if make == 'ddpm':
         kind = kinds.Diffusion.from_model_config(NET, schedule='linear', timesteps=100)
     elif make == 'caf':
@@ -133,8 +133,10 @@ def test_every_kind_guides(make):
         kind = kinds.Piecewise.from_model_config(NET, windows=2, parameterization='ddim_eps',
                                                  process=diffusion.VP('linear', 100))
     params = _init(kind, 3)
-    x, sampler = _x(4), solvers.parse_sampler('euler@2')
+    x, sampler = _x(4), solvers.parse_sampler('fireflow@2')  # FireFlow, too, on every kind
     plain, nfe = kind.sample(params, x, sampler, eps=1e-3, label=LABELS)
+    # N + 1 calls; CAF's v0 one more; PeRFlow's two windows each start their own cache
+    assert int(nfe) == {'ddpm': 3, 'caf': 4, 'piecewise': 4}[make]
     guided, nfe_guided = kinds.guided(kind, 2.0, 'f').sample(params, x, sampler, eps=1e-3, label=LABELS)
     assert int(nfe_guided) == 2 * int(nfe) and not np.allclose(plain, guided)
     zero, _ = kinds.guided(kind, 0.0, 'f').sample(params, x, sampler, eps=1e-3, label=LABELS)
