@@ -13,7 +13,7 @@ import mock_tfds
 from conftest import experiment_config
 from flowjax import checkpoint, errors, generate, sharding, train
 from flowjax.data import datasets, images
-from flowjax.methods import rf, table
+from flowjax.methods import method as method_lib, rf, table
 from flowjax.models import kinds
 
 
@@ -37,19 +37,27 @@ def test_rf_init_starts_from_the_export(tmp_path):
 
 
 def test_later_fields_keep_old_identities():
-    """A checkpoint's config from before rf.init and data.classes still matches a config not using
-    them; one that uses them does not."""
+    """A checkpoint's config from before the LATER_FIELDS (rf.init, data.classes, eval.guidance,
+    generate.guidance) still matches a config not using them; one that uses them does not."""
     for name in ('rf', 'reflow', 'generate'):
         method = table.METHODS[name]
         config = table.config(name)
         current = method.identity(config)
         assert 'classes' not in current['data'] and 'rf' not in current
+        assert 'guidance' not in current.get('eval', {}) and 'guidance' not in current.get('generate', {})
         saved = json.loads(config.to_json())
-        del saved['data']['classes']
+        for field in method_lib.LATER_FIELDS:
+            section, key = field.split('.')
+            saved.get(section, {}).pop(key, None)
         saved.pop('rf', None)
         assert checkpoint.config_difference(saved, current, method.default_identity()) is None
         config.data.classes = (1, 2)
         assert checkpoint.config_difference(saved, method.identity(config), method.default_identity()) == 'data.classes'
+        config.data.classes = None
+        section = 'generate' if name == 'generate' else 'eval'  # eval fields are resumable changes
+        config[section].guidance = 2.0
+        assert checkpoint.config_difference(saved, method.identity(config), method.default_identity()) == (
+            'generate.guidance' if name == 'generate' else None)
     config = table.config('rf')
     config.rf.init = 'teacher'
     assert table.METHODS['rf'].identity(config)['rf'] == {'init': 'teacher'}
