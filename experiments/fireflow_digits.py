@@ -52,7 +52,6 @@ def get_config(arg=None):
     recipe = configs.experiment(__file__, 'digits_reflow',
                                 'runlocal' if arg.runlocal else f'steps={arg.steps}')
     seeds = 1 if arg.runlocal else arg.seeds
-    sizes = (2,) if arg.runlocal else SIZES
     stages, models = {}, []
     for s in range(seeds):
         teacher = _conditional(recipe.teacher, s)
@@ -66,15 +65,19 @@ def get_config(arg=None):
     invert = table.for_method(recipe.evaluate, 'invert')
     invert.invert.models = ('analytic', *models)
     toy = configs.experiment_module(__file__, 'fireflow_toy2d')  # the same samplers and pairs as on toy data
-    invert.invert.samplers = toy.samplers(sizes)
-    invert.invert.differences = toy.pairs(sizes)
+    if arg.runlocal:  # FireFlow beside Euler and midpoint at about its NFE
+        invert.invert.samplers = ('euler@3', 'fireflow@2', 'midpoint@1')
+        invert.invert.differences = ('fireflow@2=euler@3', 'fireflow@2=midpoint@1')
+    else:
+        invert.invert.samplers = toy.samplers(SIZES)
+        invert.invert.differences = toy.pairs(SIZES)
     invert.invert.count = 16 if arg.runlocal else arg.count
     stages['invert'] = invert
 
     for s in range(seeds):
         edit = table.for_method(recipe.evaluate, 'edit')
         edit.edit.model = f'teacher_s{s}'
-        edit.edit.samplers = ('fireflow@2', 'euler@2') if arg.runlocal else EDIT_SAMPLERS
+        edit.edit.samplers = ('fireflow@2',) if arg.runlocal else EDIT_SAMPLERS
         edit.edit.guidance = (1.0, 2.0) if arg.runlocal else EDIT_GUIDANCE
         edit.edit.count = 4 if arg.runlocal else 16
         stages[f'edit_s{s}'] = edit
@@ -82,6 +85,6 @@ def get_config(arg=None):
     evaluate = recipe.evaluate
     evaluate.eval.models = tuple(models)
     evaluate.eval.couplings = None
-    evaluate.eval.samplers = ('euler@1', 'fireflow@4') if arg.runlocal else ('euler@1', 'euler@4', 'fireflow@4', 'euler@32')
+    evaluate.eval.samplers = ('fireflow@4',) if arg.runlocal else ('euler@1', 'euler@4', 'fireflow@4', 'euler@32')
     stages['evaluate'] = evaluate
     return configs.pipeline(**stages)

@@ -32,9 +32,17 @@ def experiment_config(name: str, arg: str | None = None):
 
 
 def stand_in_teacher(config, path, stage: str = 'teacher') -> str:
-    """Exports pipeline `config`'s `stage` network at random weights (small, without compiling its init)
-    to `path` and makes that export the stage's `checkpoint`; returns the path. Experiments' tests stand
-    it in for a trained teacher whose training other tests run."""
+    """Exports pipeline `config`'s `stage` network at random weights to `path` (`random_export`) and makes
+    that export the stage's `checkpoint`; returns the path. Experiments' tests stand it in for a trained
+    teacher whose training other tests run."""
+    random_export(config[stage], path)
+    config[stage].checkpoint = str(path)
+    return str(path)
+
+
+def random_export(teacher, path) -> str:
+    """Exports the network of the training config `teacher` at small random weights (without compiling its
+    init) to `path`, as its training would; returns the path."""
     import jax
     import numpy as np
 
@@ -42,13 +50,11 @@ def stand_in_teacher(config, path, stage: str = 'teacher') -> str:
     from flowjax.data import datasets
     from flowjax.models import kinds
 
-    teacher = config[stage]
     kind, shape = kinds.from_config(teacher), datasets.sample_shape(teacher)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda leaf: (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype),
                           jax.eval_shape(lambda key: kind.init(key, shape), jax.random.key(0)))
     checkpoint.export(path, params, train.export_meta(teacher, kind, shape, 0))
-    config[stage].checkpoint = str(path)
     return str(path)
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import experiment_config
+from conftest import experiment_config, random_export
 from flowjax import errors, generate
 from flowjax.methods import distill, rf, table, training
 from flowjax.metrics import lpips
@@ -54,8 +54,7 @@ def test_distill_with_lpips(tmp_path, monkeypatch):
         return lpips.distance_fn(lpips.LPIPS(resize=config.lpips.resize, pool=config.lpips.pool)), variables
 
     monkeypatch.setattr(training, 'load_perceptual', load)
-    teacher = _digits('rf')
-    rf.run(teacher, str(tmp_path / 'teacher'))
+    random_export(_digits('rf'), tmp_path / 'teacher')  # a teacher at random weights (rf training: test_slimflow)
     pairs = _digits('generate')
     pairs.generate.update(teacher=str(tmp_path / 'teacher'), num_pairs=32, batch_size=16, shard_size=32,
                           sampler='euler@2')
