@@ -74,13 +74,15 @@ SUITES = {
 }
 
 
-def parse_samplers(config: ml_collections.ConfigDict) -> list[solvers.Sampler]:
-    """`config.eval.samplers` as Sampler objects; a bad spec is a one-line config error."""
+def parse_samplers(config: ml_collections.ConfigDict, specs: Sequence[str] | None = None,
+                   field: str = 'eval.samplers') -> list[solvers.Sampler]:
+    """Sampler specs (`config.eval.samplers` unless `specs` of config field `field` are given) as Sampler
+    objects, rk45 with eval.rtol / eval.atol; a bad spec is a one-line config error naming the field."""
     try:
         return [solvers.parse_sampler(s, rtol=config.eval.rtol, atol=config.eval.atol)
-                for s in config.eval.samplers]
+                for s in (config.eval.samplers if specs is None else specs)]
     except ValueError as e:
-        raise errors.ConfigError(f'eval.samplers: {e}') from None
+        raise errors.ConfigError(f'{field}: {e}') from None
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
@@ -184,18 +186,19 @@ def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[
     return suite.score(measures, mean_nfe(nfes)), shown
 
 
-def _task_labels(flow: Flow, task: fidelity.Task, name: str) -> np.ndarray | None:
-    """The task's labels if the model is class-conditional (checked against its classes), else None."""
-    classes = flow.kind.num_classes
+def class_labels(classes: int, labels: np.ndarray | None, where: str, source: str) -> np.ndarray | None:
+    """The labels of examples from `source` for a model of `classes` classes: None for an unconditional model
+    (0); else `labels`, checked (a one-line UserError starting with `where` if there are none, or some
+    outside 0..classes-1)."""
     if not classes:
         return None
-    if task.labels is None:
-        raise errors.UserError(f'evaluate {name}: eval.{task.name} of a class-conditional model '
-                               f'(num_classes={classes}) needs labels, and {task.source} has none')
-    if len(task.labels) and (task.labels.min() < 0 or task.labels.max() >= classes):
-        raise errors.UserError(f'evaluate {name}: {task.source} has labels outside 0..{classes - 1} '
+    if labels is None:
+        raise errors.UserError(f'{where}: a class-conditional model (num_classes={classes}) needs labels, and '
+                               f'{source} has none')
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise errors.UserError(f'{where}: {source} has labels outside 0..{classes - 1} '
                                f'(the model has num_classes={classes})')
-    return task.labels
+    return labels
 
 
 def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequence[fidelity.Task],
@@ -204,7 +207,7 @@ def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequ
     (docs/methods.md, Metrics): reconstruction through `kind.reconstruct`, preservation through `kind.sample`."""
     cell = {}
     for task in tasks:
-        labels = _task_labels(flow, task, name)
+        labels = class_labels(flow.kind.num_classes, task.labels, f'evaluate {name}: eval.{task.name}', task.source)
         rows = [task.inputs, task.targets] + ([] if labels is None else [labels])
         scores, nfes = {}, []
         for (x, target, *label), valid in suite.chunks(rows):

@@ -24,11 +24,11 @@ import numpy as np
 from etils import epath
 from ml_collections import config_dict
 
-from flowjax import checkpoint, errors, sharding
+from flowjax import errors, sharding
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, images, job, report
 from flowjax.flows import solvers
-from flowjax.methods import method
+from flowjax.methods import method, training
 from flowjax.models import kinds
 
 TARGETS = ('all', 'next')  # the named forms of edit.targets (else a tuple of class ids)
@@ -92,10 +92,7 @@ def check(config: ml_collections.ConfigDict) -> Options:
             or len(set(specs)) != len(specs)):
         raise errors.ConfigError(f"edit.samplers={specs!r}: expected a non-empty tuple of distinct sampler specs "
                                  "(e.g. ('euler@8',))")
-    try:
-        samplers = tuple(solvers.parse_sampler(s, rtol=config.eval.rtol, atol=config.eval.atol) for s in specs)
-    except ValueError as e:
-        raise errors.ConfigError(f'edit.samplers: {e}') from None
+    samplers = tuple(job.parse_samplers(config, specs, 'edit.samplers'))
     scales = cfg.guidance
     if not isinstance(scales, (tuple, list)) or not scales:
         raise errors.ConfigError(f'edit.guidance={scales!r}: expected a non-empty tuple of guidance scales, finite '
@@ -197,12 +194,11 @@ class _Classifier:
 
 def _load(path: str) -> kinds.Model:
     """The class-conditional model of edit.model, else a one-line UserError."""
-    params, meta = checkpoint.load_export(path)
-    kind = kinds.from_meta(meta, 'edit.model')
-    if not kind.num_classes:
-        raise errors.UserError(f'edit.model={path}: the model (kind {kind.name!r}) is not class-conditional; '
+    model = training.load_model(path, 'edit.model')
+    if not model.kind.num_classes:
+        raise errors.UserError(f'edit.model={path}: the model (kind {model.kind.name!r}) is not class-conditional; '
                                'editing needs one trained with model.num_classes > 0')
-    return kinds.Model(kind, params, meta)
+    return model
 
 
 def _suite(config: ml_collections.ConfigDict, workdir: epath.Path, count: int, options: Options) -> images.ImageSuite:
@@ -245,11 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     suite = _suite(config, workdir, options.count, options)
     x1, labels = suite.held_out(options.count)
-    if labels is None:
-        raise errors.UserError(f'data.image={config.data.image.to_dict()}: the images have no labels; edit needs '
-                               'labelled images')
-    if labels.min() < 0 or labels.max() >= classes:
-        raise errors.UserError(f'data.image has labels outside 0..{classes - 1} ({name} has num_classes={classes})')
+    labels = job.class_labels(classes, labels, name, f'data.image={config.data.image.to_dict()}')
     columns = target_columns(options.targets, labels, classes)
     digits = is_digits(config, x1.shape[1:])
     classifier = _Classifier(sharding.data_mesh()) if digits else None
@@ -292,12 +284,12 @@ def _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite, classif
     for (x, y, *targets), valid in suite.chunks([x1, labels, *columns]):
         z, n_in = invert(kind, params, x, y, sampler, eps=eps)
         nfes_in.append(int(n_in))
-        chunk = []
+        chunk, source = [], sharding.to_host(x)[:valid]
         for target in targets:
             out, n_out = regenerate(kind, params, z, target, sampler, eps=eps, guidance=w, name=name)
             nfes_out.append(int(n_out))
             per = dict(suite.compare(out, x, valid))
-            host, source = sharding.to_host(out)[:valid], sharding.to_host(x)[:valid]
+            host = sharding.to_host(out)[:valid]
             per['rmse'] = fidelity.rmse(host, source, fidelity.UINT8_SCALE)
             if classifier is not None:
                 per['accuracy'] = (classifier(out)[:valid] == sharding.to_host(target)[:valid]).astype(np.float64)
@@ -315,8 +307,7 @@ def _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite, classif
     on_edits, on_recon = _cell(ordered, is_edit), _cell(ordered, ~is_edit)
     cell = {k: on_edits[k] for k in SCORES if k in on_edits}
     cell.update({f'reconstruction_{k}': on_recon[k] for k in SCORES if k in on_recon})
-    n_in = int(round(float(np.mean(nfes_in))))
-    n_out = int(round(float(np.mean(nfes_out))))
+    n_in, n_out = job.mean_nfe(nfes_in), job.mean_nfe(nfes_out)
     cell.update({'nfe': n_in + n_out, 'invert_nfe': n_in, 'regenerate_nfe': n_out})
     return cell, np.concatenate(edits)
 

@@ -23,11 +23,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors, evaluate, sharding
+from flowjax import errors, evaluate, sharding
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, images, job, report
 from flowjax.flows import solvers
-from flowjax.methods import method
+from flowjax.methods import method, training
 from flowjax.models import kinds
 
 ANALYTIC = 'analytic'  # the reserved entry of invert.models: the exact Gaussian flow of the held-out data
@@ -74,10 +74,7 @@ def parse_samplers(config: ml_collections.ConfigDict) -> list[solvers.Sampler]:
     if not isinstance(value, (tuple, list)) or not value:
         raise errors.ConfigError(f"invert.samplers={value!r}: expected a non-empty tuple of sampler specs "
                                  "(e.g. ('euler@8', 'midpoint@4'))")
-    try:
-        return [solvers.parse_sampler(s, rtol=config.eval.rtol, atol=config.eval.atol) for s in value]
-    except ValueError as e:
-        raise errors.ConfigError(f'invert.samplers: {e}') from None
+    return job.parse_samplers(config, value, 'invert.samplers')
 
 
 def differences(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -218,24 +215,7 @@ def _load(entry: str, x1: np.ndarray) -> tuple[str, kinds.Model]:
     label, path = model_entry(entry)
     if path == ANALYTIC:
         return label, analytic_model(x1)
-    if not path:
-        raise errors.ConfigError('invert.models: an export directory (or pipeline stage name) is required')
-    params, meta = checkpoint.load_export(path)
-    return label, kinds.Model(kinds.from_meta(meta, 'invert.models'), params, meta)
-
-
-def _labels(kind: kinds.Kind, labels: np.ndarray | None, name: str, source: str) -> np.ndarray | None:
-    """The examples' labels for a class-conditional model (checked against its classes), else None."""
-    classes = kind.num_classes
-    if not classes:
-        return None
-    if labels is None:
-        raise errors.UserError(f'invert {name}: a class-conditional model (num_classes={classes}) needs labels, '
-                               f'and {source} has none')
-    if labels.min() < 0 or labels.max() >= classes:
-        raise errors.UserError(f'invert {name}: {source} has labels outside 0..{classes - 1} '
-                               f'(the model has num_classes={classes})')
-    return labels
+    return label, training.load_model(path, 'invert.models')
 
 
 def _mean(values: list[np.ndarray]) -> float | None:
@@ -254,7 +234,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
     if not applicable:
         raise errors.UserError(f"invert {name}: none of invert.samplers ({', '.join(s.key for s in samplers)}) "
                                f'applies to a model of kind {kind.name!r}')
-    label = _labels(kind, labels, name, source)
+    label = job.class_labels(kind.num_classes, labels, f'invert {name}', source)
     analytic = kind is ANALYTIC_KIND
     rows = [x1] + ([] if label is None else [label])
     if analytic:
