@@ -3,13 +3,18 @@ teacher (experiments/rf_cifar.py: DDPM++, 61.8M parameters) with fixed-step Eule
 
     python benchmarks/coupling_pass.py --batch 1024 2048 --dtype bfloat16 float32
     python benchmarks/coupling_pass.py --batch 1024 --pass   # also the whole pass, shards written
+    python benchmarks/coupling_pass.py --batch 1024 --sampler euler@32 rk45 --pass --in_flight 1 2
 
 Each case runs in its own process. A randomly initialised teacher is exported, loaded through
 generate.prepare, and its pair solver (generate's jitted, sharded per-pair solve) is timed on
 random noise: img*NFE/s counts network evaluations of single images, MFU is the forward's model
 FLOPs over the card's measured bf16 matrix rate. `--pass` also runs generate.generate_couplings
-end to end on 4 shards of `batch` pairs (drawing, solving, writing .npz shards; the first shard,
-which compiles, is not timed). Prints one markdown table.
+end to end on `--pass_shards` shards of `batch` pairs (drawing, solving, writing .npz shards): one
+call writes the first shard (it compiles), a second call, timed whole (loading the teacher, every
+shard, the manifest), writes the rest; `pass/solver` is its rate over the solver's, `loop/solver`
+the same for the shard loop alone once its first shard is on the host (what overlap can reach). `--in_flight`
+sets how many shards the pass keeps queued on the devices (generate._IN_FLIGHT; 1: the device
+waits while the host fetches each shard, as before the overlapped pass). Prints one markdown table.
 """
 
 import itertools
@@ -24,7 +29,8 @@ import measure  # noqa: E402
 
 COLUMNS = (('devices', 'devices', ''), ('batch', 'batch', ''), ('dtype', 'dtype', ''), ('sampler', 'sampler', ''),
            ('img_nfe_per_s', 'img*NFE/s', ',.0f'), ('mfu', 'MFU', '.1%'),
-           ('pass_img_nfe_per_s', 'pass img*NFE/s', ',.0f'),
+           ('in_flight', 'in flight', ''), ('pass_img_nfe_per_s', 'pass img*NFE/s', ',.0f'),
+           ('pass_ratio', 'pass/solver', '.3f'), ('loop_ratio', 'loop/solver', '.3f'),
            ('hours_1m_127', 'h for 1M pairs @127', '.2f'), ('peak_gib', 'peak GiB', '.1f'),
            ('compile_s', 'compile s', '.0f'), ('note', 'note', ''))
 
@@ -36,6 +42,7 @@ def run_case(case: dict) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from flowjax import checkpoint, generate, sharding, train
+    from flowjax.data import couplings
     from flowjax.methods import table
     from flowjax.models import kinds
 
@@ -54,7 +61,8 @@ def run_case(case: dict) -> dict:
         np.savez(images, images=np.zeros((1, *shape), np.uint8))
         config.data.image = {'name': 'npz', 'path': str(images)}
         config.generate.update(teacher=str(teacher), sampler=case['sampler'], batch_size=case['batch'],
-                               shard_size=case['batch'], num_pairs=4 * case['batch'], model_dtype=case['dtype'])
+                               shard_size=case['batch'], num_pairs=case['pass_shards'] * case['batch'],
+                               model_dtype=case['dtype'])
         job = generate.prepare(config, mesh)
         eps = job.manifest['t_eps']
         solve = generate._pair_solver(job.kind, job.sampler, eps, True, mesh)
@@ -77,12 +85,19 @@ def run_case(case: dict) -> dict:
             if summary:
                 result['profile'] = summary
         if case.get('pass'):
+            generate._IN_FLIGHT = case['in_flight']
             store = pathlib.Path(tmp) / 'couplings'
             config.generate.max_new_shards = 1
             generate.generate_couplings(config, store, devices=mesh.devices.flat)  # compiles
             config.generate.max_new_shards = None
             summary = generate.generate_couplings(config, store, devices=mesh.devices.flat)
-            result['pass_img_nfe_per_s'] = summary['new_shards'] * case['batch'] * nfe / summary['seconds']
+            written = couplings.open_store(store).load()['nfe']
+            result['pass_img_nfe_per_s'] = int(written[case['batch']:].sum()) / summary['seconds']
+            result['pass_ratio'] = result['pass_img_nfe_per_s'] / rate
+            timing = summary['timing']  # the loop once its first shard is on the host: the overlap alone
+            steady = int(written[2 * case['batch']:].sum()) / (timing['loop'] - timing['first_shard'])
+            result.update(loop_img_nfe_per_s=steady, loop_ratio=steady / rate, pass_timing=timing,
+                          pass_seconds=summary['seconds'])
         result['peak_gib'] = measure.peak_memory_gib()
     return result
 
@@ -92,10 +107,14 @@ def main() -> None:
     parser.add_argument('--sampler', nargs='+', default=['euler@32'])
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per case (the median is kept)')
     parser.add_argument('--pass', dest='whole_pass', action='store_true', help='also time generate_couplings')
+    parser.add_argument('--pass_shards', type=int, default=8, help='shards of `batch` pairs the pass writes')
+    parser.add_argument('--in_flight', type=int, nargs='+', default=[2], help='generate._IN_FLIGHT of the pass')
     args = parser.parse_args()
-    grid = itertools.product(args.devices, args.batch, args.dtype, args.sampler)
+    grid = itertools.product(args.devices, args.batch, args.dtype, args.sampler,
+                             args.in_flight if args.whole_pass else [None])
     cases = [{'devices': devices, 'batch': batch, 'dtype': dtype, 'sampler': sampler, 'repeats': args.repeats,
-              'pass': args.whole_pass} for devices, batch, dtype, sampler in grid]
+              'pass': args.whole_pass, 'pass_shards': args.pass_shards, 'in_flight': in_flight}
+             for devices, batch, dtype, sampler, in_flight in grid]
     measure.drive(__file__, args, run_case, cases, COLUMNS, lambda card, rows: (
         f"coupling pass, {card['device']} (jax {card['jax']}), "
         f"{rows[0].get('gflop_per_nfe', 0):.1f} GFLOP per image per NFE:"))

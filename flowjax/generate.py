@@ -10,9 +10,12 @@ rk45 step decisions), depend on that shape (docs/methods.md, Couplings). Process
 shards k with k % process_count == p over its local devices, with no cross-process collectives;
 shards already on disk are skipped, so a preempted pass resumes where it stopped. On SIGTERM (or
 the first Ctrl-C) each process stops after the shard it is writing and the pass raises
-`errors.Preempted`.
+`errors.Preempted`. The host keeps two shards queued on its devices: drawing the next start points,
+copying finished pairs to the host and writing shards (in a background thread) overlap the solve.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -323,8 +326,9 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     missing = [k for k in owned if k not in present]
     todo = missing if cfg.max_new_shards is None else missing[:cfg.max_new_shards]
     progress = writers.Progress(len(owned), len(owned) - len(missing))
+    timing = {'prepared': time.monotonic() - started}
     with preemption.Watch() as watch:
-        nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress, watch)
+        nfe_sums = _write_shards(job, cfg, mesh, out, todo, len(owned) - len(missing), progress, watch, timing)
 
     sharding.barrier('flowjax-generate-shards')
     if pi == 0:
@@ -337,7 +341,7 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
                                'rerun the same command to resume', signum)
     if pi == 0 and config.data.kind == 'image' and todo:
         _save_pair_grid(out, couplings.read_manifest(out))
-    return _summary(couplings.read_manifest(out), total, len(todo), started)
+    return {**_summary(couplings.read_manifest(out), total, len(todo), started), 'timing': timing}
 
 
 def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
@@ -354,11 +358,17 @@ def _save_pair_grid(out: epath.Path, manifest: dict, count: int = 32) -> None:
                       None, title=f"couplings: {manifest['sampler']}")
 
 
+_IN_FLIGHT = 2  # shards dispatched to the devices while the host fetches and writes an earlier one
+
+
 def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epath.Path, todo: list[int],
-                  done: int, progress: writers.Progress, watch: preemption.Watch) -> dict[int, tuple[int, int]]:
+                  done: int, progress: writers.Progress, watch: preemption.Watch,
+                  timing: dict[str, float] | None = None) -> dict[int, tuple[int, int]]:
     """Solves and writes the shards `todo`, or the first of them until `watch` says stop; returns
-    {k: (nfe sum, pairs)}. Shard k + 1 is dispatched before shard k is written, so the device works
-    while the host writes."""
+    {k: (nfe sum, pairs)} and records in `timing` the seconds from the loop's start to the first
+    shard's pairs on the host ('first_shard') and to the last shard written ('loop'). The host keeps `_IN_FLIGHT` shards queued on the devices, and fetches,
+    checks and (in a background thread) writes shard k while shard k + 1 is solved: the start points
+    of the next shard are drawn, and the last one's pairs copied and written, while the devices work."""
     backward = cfg.direction == 'backward'
     eps = job.manifest['t_eps']
     solve = _pair_solver(job.kind, job.sampler, eps, backward, mesh)
@@ -375,31 +385,41 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
             pending.append((hi - start, x_start, label, *solve(params, x_start, label)))
         return pending
 
+    timing = {} if timing is None else timing
+    begun = time.monotonic()
     nfe_sums = {}
-    queue = dispatch(todo[0]) if todo else []
+    queued: collections.deque[list] = collections.deque()
+    writing: concurrent.futures.Future | None = None
     last = time.monotonic()
-    for n, k in enumerate(todo):
-        fetched = [[np.asarray(a)[:valid] for a in arrays] for valid, *arrays in queue]
-        x_start, label, x_end, nfe = (np.concatenate(parts) for parts in zip(*fetched))
-        if n + 1 < len(todo):
-            queue = dispatch(todo[n + 1])
-        bad = int(np.sum(~np.isfinite(x_end).reshape(len(x_end), -1).all(axis=1)))
-        if bad:
-            raise errors.UserError(
-                f'generate: {bad} of {len(x_end)} pairs of shard {k} did not converge ({job.sampler.key} gave '
-                'non-finite values, e.g. rk45 hit max_steps); loosen generate.rtol/atol or use euler@N')
-        lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
-        x0, x1 = (x_start, x_end) if backward else (x_end, x_start)
-        arrays = {'x0': x0, 'x1': x1, 'index': np.arange(lo, hi, dtype=np.int64), 'nfe': nfe.astype(np.int32)}
-        if job.classes:
-            arrays['label'] = label.astype(np.int32)
-        couplings.write_shard(out, k, arrays, cfg.dtype)
-        nfe_sums[k] = (int(nfe.sum()), len(nfe))
-        seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
-        progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,
-                                'mean_nfe': nfe.mean()})
-        if watch.reached(n, n + 1):
-            break
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='flowjax-shard-writer') as writer:
+        for n, k in enumerate(todo):
+            while len(queued) < _IN_FLIGHT and n + len(queued) < len(todo):
+                queued.append(dispatch(todo[n + len(queued)]))
+            fetched = [[np.asarray(a)[:valid] for a in arrays] for valid, *arrays in queued.popleft()]
+            x_start, label, x_end, nfe = (np.concatenate(parts) for parts in zip(*fetched))
+            timing.setdefault('first_shard', time.monotonic() - begun)
+            bad = int(np.sum(~np.isfinite(x_end).reshape(len(x_end), -1).all(axis=1)))
+            if bad:
+                raise errors.UserError(
+                    f'generate: {bad} of {len(x_end)} pairs of shard {k} did not converge ({job.sampler.key} gave '
+                    'non-finite values, e.g. rk45 hit max_steps); loosen generate.rtol/atol or use euler@N')
+            lo, hi = couplings.shard_range(k, cfg.num_pairs, cfg.shard_size)
+            x0, x1 = (x_start, x_end) if backward else (x_end, x_start)
+            arrays = {'x0': x0, 'x1': x1, 'index': np.arange(lo, hi, dtype=np.int64), 'nfe': nfe.astype(np.int32)}
+            if job.classes:
+                arrays['label'] = label.astype(np.int32)
+            if writing is not None:
+                writing.result()  # one shard written at a time, in order; a failed write is raised here
+            writing = writer.submit(couplings.write_shard, out, k, arrays, cfg.dtype)
+            nfe_sums[k] = (int(nfe.sum()), len(nfe))
+            seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
+            progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,
+                                    'mean_nfe': nfe.mean()})
+            if watch.reached(n, n + 1):
+                break
+        if writing is not None:
+            writing.result()
+    timing['loop'] = time.monotonic() - begun
     return nfe_sums
 
 
