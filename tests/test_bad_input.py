@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import cli_server
@@ -122,6 +123,8 @@ CASES = [
      ['couplings', 'coupling store was made with teacher=', 'teacher_b', 'another workdir']),
     ('truncated coupling shard', [TOY_PIPELINE, '--workdir={truncated}', '--config.teacher.checkpoint={teacher_a}'],
      ['shard', 'truncated or corrupted']),
+    ('compressed coupling shard', [TOY_PIPELINE, '--workdir={compressed}', '--config.teacher.checkpoint={teacher_a}'],
+     ['shard-000000.npz', 'member x0 is compressed', 'regenerate the store']),
     ('workdir holds another experiment', [TOY_RF, '--workdir={trained}', '--config.seed=1'],
      ['checkpoints', 'different experiment', 'seed']),
     ('workdir not writable', [TOY_RF, '--workdir={a_file}/run'], ['--workdir=', 'cannot write there']),
@@ -301,8 +304,8 @@ def _export_random_teacher(path, config, seed: int) -> None:
 
 @pytest.fixture(scope='module')
 def made(tmp_path_factory):
-    """Teachers a and b, the runlocal pipeline's coupling store made from a (whole, and with a
-    truncated shard), a workdir with checkpoints of toy2d_rf:runlocal, and a regular file."""
+    """Teachers a and b, the runlocal pipeline's coupling store made from a (whole, with a truncated
+    shard and with a compressed one), a workdir with checkpoints of toy2d_rf:runlocal, and a regular file."""
     root = tmp_path_factory.mktemp('made')
     pipeline = experiment_config('toy2d_reflow', 'runlocal')
     for name, seed in (('teacher_a', 0), ('teacher_b', 1)):
@@ -313,6 +316,11 @@ def made(tmp_path_factory):
     shutil.copytree(root / 'pipeline', root / 'truncated')
     shard = couplings.shard_path(root / 'truncated' / 'couplings', 0)
     shard.write_bytes(shard.read_bytes()[:100])
+    shutil.copytree(root / 'pipeline', root / 'compressed')  # a shard np.load reads but not in place
+    shard = couplings.shard_path(root / 'compressed' / 'couplings', 0)
+    with np.load(shard) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    np.savez_compressed(shard, **arrays)
 
     toy = experiment_config('toy2d_rf', 'runlocal')
     toy.train.steps = toy.train.checkpoint_every
@@ -352,8 +360,8 @@ def _snapshot(root) -> dict[str, str]:
 @pytest.mark.parametrize('case, args, fragments', CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
-             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'trained', 'caf_a',
-                                                   'digits_cond')}}
+             **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'compressed', 'trained',
+                                                   'caf_a', 'digits_cond')}}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
     before = _snapshot(made), _snapshot(tmp_path)

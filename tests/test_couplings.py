@@ -136,11 +136,11 @@ def test_damaged_shard_is_named(tmp_path, damage):
         bad.write_bytes(b'not a zip file at all')
     else:  # a well-formed file holding another shard's pairs
         bad.write_bytes((tmp_path / 'shard-000002.npz').read_bytes())
-    store = couplings.open_store(tmp_path)
-    with pytest.raises(errors.UserError) as excinfo:
-        store.load()
-    message = _one_line(excinfo)
-    assert 'shard-000001.npz' in message and 'rerun the generate stage' in message
+    for read in (couplings.Store.load, couplings.Store.columns):  # the full load and the streaming reader's open
+        with pytest.raises(errors.UserError) as excinfo:
+            read(couplings.open_store(tmp_path))
+        message = _one_line(excinfo)
+        assert 'shard-000001.npz' in message and 'rerun the generate stage' in message
 
 
 def test_incomplete_or_missing_store_is_refused(tmp_path):

@@ -8,6 +8,7 @@ state), the same for any number of devices or processes, and each epoch visits e
 
 import collections
 import concurrent.futures
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class ShuffledStream:
             raise errors.ConfigError(
                 f'batch_size={batch_size}: must be a positive multiple of the process count ({self.process_count})')
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # readers in several threads share the cache
 
     @property
     def local_rows(self) -> slice:
@@ -44,12 +46,14 @@ class ShuffledStream:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """perm_e, the order of epoch e (the last two used are cached)."""
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self.seed, self.salt, epoch])
-            self._perms[epoch] = rng.permutation(self.num_rows)
-        return self._perms[epoch]
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                if len(self._perms) >= 2:
+                    self._perms.pop(min(self._perms))
+                rng = np.random.default_rng([self.seed, self.salt, epoch])
+                perm = self._perms[epoch] = rng.permutation(self.num_rows)
+            return perm
 
     def local_coins(self, step: int, salt: int) -> np.ndarray:
         """A fair coin per row of global batch `step` drawn from (seed, salt, step): this process's share (bool)."""
