@@ -37,6 +37,11 @@ ENV = 'JAX_COMPILATION_CACHE_DIR'
 # XLA's GPU autotuning cache, which JAX keeps inside the cache directory, reads and writes through
 # XLA's own file layer: local paths only. It is turned off for a bucket unless the environment sets it.
 XLA_CACHES_ENV = 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'
+# What JAX records once at the first compile after the cache is (re)set: the moment `setup`'s line is logged.
+FIRST_COMPILE_EVENTS = ('/jax/compilation_cache/tasks_using_cache', '/jax/compilation_cache/task_disabled_cache')
+
+_pending: list[str] = []  # the line `setup` left for the first compile to log
+_listening = False  # whether `_log_pending` listens (registered once per process)
 
 
 def location(config, workdir: str, environ=None) -> str | None:
@@ -89,36 +94,46 @@ def _jax_xla_caches() -> str | None:
 
 def use(path: str | None) -> None:
     """Points JAX's persistent cache at `path` (None: off). JAX opens its cache at the first compile
-    and keeps it: a change of directory resets it, so the next compile opens the new one."""
+    and keeps it, so it is reset here: the next compile opens the new one."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
     xla_caches = _jax_xla_caches()
     if path is not None and '://' in path and XLA_CACHES_ENV not in os.environ:
         xla_caches = 'none'
-    if (path, xla_caches) != (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_enable_xla_caches):
-        jax.config.update('jax_compilation_cache_dir', path)
-        jax.config.update('jax_persistent_cache_enable_xla_caches', xla_caches)
-        compilation_cache.reset_cache()
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_enable_xla_caches', xla_caches)
+    compilation_cache.reset_cache()
+
+
+def _log_pending(event: str, **_) -> None:
+    """A jax.monitoring listener: at the first compile, logs the line `setup` left."""
+    if event in FIRST_COMPILE_EVENTS and _pending:
+        logging.info(_pending.pop())
 
 
 def setup(config, workdir: str) -> str | None:
     """Turns the persistent cache on in the directory `config.compile_cache` names (or off) for the
-    job in `workdir`, before it compiles; logs one line saying where. Returns the directory (None: off).
-    A bad value is a ConfigError (before anything is made); a directory that cannot be made or written
-    is a warning, and the cache is off. `python -m flowjax.main` calls it; a program that runs methods
-    or pipelines itself may too."""
+    job in `workdir`, before it compiles. Returns the directory (None: off). One line says where, logged
+    at the job's first compile: a job its checks refuse prints its one error line only. A bad value is
+    a ConfigError (before anything is made); a directory that cannot be made or written is a warning
+    at once, and the cache is off. `python -m flowjax.main` calls it; a program that runs methods or
+    pipelines itself may too."""
+    global _listening
     import jax
 
     check_stages(config)
     path = location(config, workdir)
     if path is not None and not jax.config.jax_enable_compilation_cache:
-        logging.info('compile cache: off (jax_enable_compilation_cache is False)')
-        path = None
+        line, path = 'compile cache: off (jax_enable_compilation_cache is False)', None
     elif path is not None and (problem := _unusable(path)):
         logging.warning('compile cache: cannot use %s (%s); compiling without it', path, problem)
-        path = None
+        line, path = None, None
     else:
-        logging.info('compile cache: %s', path or f'off ({FIELD}={config.get(FIELD)!r})')
+        line = f"compile cache: {path or f'off ({FIELD}={config.get(FIELD)!r})'}"
+    if not _listening:
+        jax.monitoring.register_event_listener(_log_pending)
+        _listening = True
+    _pending[:] = [line] if line else []
     use(path)
     return path

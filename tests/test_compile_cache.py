@@ -61,35 +61,46 @@ def test_one_process_switches_directories_and_turns_it_off(tmp_path, session_cac
         n = next(programs)
         jax.jit(lambda x: x * n + 1).lower(jax.ShapeDtypeStruct((3,), jnp.float32)).compile()
 
+    def logged() -> list[tuple[int, str]]:
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if 'compile cache' in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    caplog.set_level(logging.INFO)
     config = configs.base()
     config.compile_cache = str(tmp_path / 'a')
     assert compile_cache.setup(config, str(tmp_path)) == str(tmp_path / 'a')
+    assert logged() == []  # said at the first compile, so a job its checks refuse prints only its error
     compile_new()
+    compile_new()
+    assert logged() == [(logging.INFO, f'compile cache: {tmp_path}/a')]
     first = _entries(tmp_path / 'a')
-    assert len(first) == 1
+    assert len(first) == 2
     config.compile_cache = str(tmp_path / 'b')  # e.g. a second job with its own workdir
     compile_cache.setup(config, str(tmp_path))
     compile_new()
-    assert len(_entries(tmp_path / 'b')) == 1 and _entries(tmp_path / 'a') == first
+    compile_new()
+    assert len(_entries(tmp_path / 'b')) == 2 and _entries(tmp_path / 'a') == first
     config.compile_cache = 'none'
     assert compile_cache.setup(config, str(tmp_path)) is None and jax.config.jax_compilation_cache_dir is None
     compile_new()
-    assert len(_entries(tmp_path / 'b')) == 1 and _entries(tmp_path / 'a') == first
+    assert len(_entries(tmp_path / 'b')) == 2 and _entries(tmp_path / 'a') == first
+    assert logged() == [(logging.INFO, f'compile cache: {tmp_path}/b'), (logging.INFO, "compile cache: off "
+                                                                                      "(compile_cache='none')")]
     compile_cache.use('gs://bucket/xla')  # XLA's own caches (GPU autotuning) read local paths only: off
     assert jax.config.jax_persistent_cache_enable_xla_caches == 'none'
     # A directory that cannot be made: one warning, and the cache off (never half on).
     (tmp_path / 'a_file').write_text('not a directory')
     config.compile_cache = str(tmp_path / 'a_file' / 'cache')
-    with caplog.at_level(logging.INFO):
-        assert compile_cache.setup(config, str(tmp_path)) is None
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records if 'compile cache' in r.getMessage()]
-    assert lines == [(logging.WARNING, f'compile cache: cannot use {tmp_path}/a_file/cache (Not a directory); '
-                                       'compiling without it')]
+    assert compile_cache.setup(config, str(tmp_path)) is None
+    assert logged() == [(logging.WARNING, f'compile cache: cannot use {tmp_path}/a_file/cache (Not a directory); '
+                                          'compiling without it')]
     assert jax.config.jax_compilation_cache_dir is None
     assert jax.config.jax_persistent_cache_enable_xla_caches != 'none'
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # JAX warns of a cache it cannot read or write
         compile_new()
+    assert logged() == []
 
 
 def _main(workdir, *args, env_cache=None) -> subprocess.CompletedProcess:
