@@ -20,8 +20,9 @@ from flowjax import errors, sharding
 
 # Sections that define what a checkpoint is; a workdir holding another experiment's
 # checkpoints is refused rather than mixed: every field must match except these, which a
-# resumed run may change (train longer, log or save at another rate, evaluate differently).
-RESUMABLE_CHANGES = ('name', 'eval', 'train.steps', 'train.log_every', 'train.checkpoint_every',
+# resumed run may change (train longer, log or save at another rate, evaluate differently, keep
+# compiled programs elsewhere).
+RESUMABLE_CHANGES = ('name', 'compile_cache', 'eval', 'train.steps', 'train.log_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.n_jitted_steps', 'train.remat', 'train.prefetch',
                      'train.nonfinite')
 

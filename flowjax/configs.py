@@ -11,6 +11,7 @@ import copy
 import ml_collections
 from ml_collections import config_dict
 
+from flowjax import compile_cache
 from flowjax.flows import objective
 
 
@@ -22,6 +23,9 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     # pipeline stage: an existing export (a workdir or its export/ directory) used instead of running the stage
     c.checkpoint = config_dict.placeholder(str)
+    # Where compiled XLA programs are kept for reruns (flowjax/compile_cache.py): 'auto' ($JAX_COMPILATION_CACHE_DIR
+    # if set, else <workdir>/compile_cache), a directory, or 'none'; a pipeline has its own (a stage's stays 'auto').
+    c.compile_cache = compile_cache.AUTO
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = 'toy2d'
@@ -127,6 +131,7 @@ def pipeline(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = 'pipeline'
     c.stages = tuple(stages)
+    c.compile_cache = compile_cache.AUTO  # the job's, for every stage (flowjax/compile_cache.py)
     for name, stage in stages.items():
         c[name] = stage
     return c

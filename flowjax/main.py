@@ -1,6 +1,6 @@
 """flowjax command line: `python -m flowjax.main --config=experiments/toy2d_rf.py --workdir=runs/x`.
 
-Flags, config, distributed initialisation, and dispatch to the method `config.method` names.
+Flags, config, the compilation cache, distributed initialisation, and dispatch to the method `config.method` names.
 """
 
 import os
@@ -10,7 +10,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flowjax import distributed, errors, pipeline
+from flowjax import compile_cache, distributed, errors, pipeline
 from flowjax.methods import table
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/toy2d_rf.py:runlocal',
@@ -66,10 +66,11 @@ def check_workdir(workdir: str) -> None:
 
 
 class _QuietLibraries:
-    """Hides the INFO chatter of checkpointing internals and backend probing (warnings still show)."""
+    """Hides the INFO chatter of checkpointing internals, backend probing and JAX's cache (warnings still show)."""
 
     def filter(self, record) -> bool:
-        return record.levelno > 20 or not any(part in record.pathname for part in ('/orbax/', 'xla_bridge'))
+        quiet = ('/orbax/', 'xla_bridge', 'compilation_cache')
+        return record.levelno > 20 or not any(part in record.pathname for part in quiet)
 
 
 def main(argv: list[str]) -> None:
@@ -94,6 +95,10 @@ def main(argv: list[str]) -> None:
     if '://' not in workdir:  # local paths absolute (Orbax needs it); bucket paths as given
         workdir = os.path.abspath(workdir)
         check_workdir(workdir)
+    try:  # before anything compiles; every process is given the same workdir, so one directory serves them all
+        compile_cache.setup(config, workdir)
+    except errors.UserError as e:
+        fail(str(e))
     start_distributed()
     try:
         if method == table.PIPELINE:

@@ -31,7 +31,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from flowjax import checkpoint, errors, sharding
+from flowjax import checkpoint, compile_cache, errors, sharding
 from flowjax.methods import method as method_lib, table
 
 MARKER = 'stage.json'
@@ -127,6 +127,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     stages = tuple(config.stages)
     if not stages or len(set(stages)) != len(stages):
         raise errors.ConfigError(f'stages={stages}: expected a non-empty tuple of distinct stage names')
+    compile_cache.check_stages(config)
     root = epath.Path(workdir)
     dirs = {name: root / name for name in stages}
     planned, fingerprints, standins = {}, {}, set()

@@ -128,6 +128,11 @@ CASES = [
     ('workdir holds another experiment', [TOY_RF, '--workdir={trained}', '--config.seed=1'],
      ['checkpoints', 'different experiment', 'seed']),
     ('workdir not writable', [TOY_RF, '--workdir={a_file}/run'], ['--workdir=', 'cannot write there']),
+    # compile_cache (flowjax/compile_cache.py); a directory that cannot be made warns: tests/test_compile_cache.py
+    ('compile cache not a string', ['--config={int_compile_cache}', '--workdir={new}'],
+     ['compile_cache=8', "expected a directory, 'auto'", "'none' (off)"]),
+    ('compile cache of a pipeline stage', [TOY_PIPELINE, '--workdir={new}', '--config.teacher.compile_cache={new}/xla'],
+     ['teacher.compile_cache=', 'the whole job', 'top level of the pipeline']),
     ('missing dataset', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}',
                          '--config.data.image.data_dir={new}'], ["'cifar10'", 'not prepared', 'data.image.data_dir']),
     ('missing FID weights', ['--config=experiments/rf_cifar.py:runlocal', '--workdir={new}', '--config.eval.metric=fid'],
@@ -296,6 +301,17 @@ CASES = [
 ]
 
 
+# An experiment file that builds its config from a dict, so that no field's type is kept.
+INT_COMPILE_CACHE = '''import ml_collections
+
+from flowjax.methods import table
+
+
+def get_config():
+    return ml_collections.ConfigDict(dict(table.config('rf').to_dict(), compile_cache=8))
+'''
+
+
 def _export_random_teacher(path, config, seed: int) -> None:
     """An export of config.model with random weights: what the checks read is its model and shape."""
     params = models.build(config.model).init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))
@@ -305,7 +321,8 @@ def _export_random_teacher(path, config, seed: int) -> None:
 @pytest.fixture(scope='module')
 def made(tmp_path_factory):
     """Teachers a and b, the runlocal pipeline's coupling store made from a (whole, with a truncated
-    shard and with a compressed one), a workdir with checkpoints of toy2d_rf:runlocal, and a regular file."""
+    shard and with a compressed one), a workdir with checkpoints of toy2d_rf:runlocal, a regular file,
+    and an experiment file whose config has an int compile_cache."""
     root = tmp_path_factory.mktemp('made')
     pipeline = experiment_config('toy2d_reflow', 'runlocal')
     for name, seed in (('teacher_a', 0), ('teacher_b', 1)):
@@ -327,6 +344,7 @@ def made(tmp_path_factory):
     toy.eval.samplers = ()
     rf.run(toy, str(root / 'trained'))
     (root / 'a_file').write_text('not a directory')
+    (root / 'int_compile_cache.py').write_text(INT_COMPILE_CACHE)
     # CAF: a CAF export of the caf_toy2d:runlocal stage's model, its weights zeros (only its kind is read).
     caf_stage = experiment_config('caf_toy2d', 'runlocal').caf
     kind = caf.kind_of(caf_stage)
@@ -361,7 +379,8 @@ def _snapshot(root) -> dict[str, str]:
 def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
              **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'compressed', 'trained',
-                                                   'caf_a', 'digits_cond')}}
+                                                   'caf_a', 'digits_cond')},
+             'int_compile_cache': made / 'int_compile_cache.py'}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])
     before = _snapshot(made), _snapshot(tmp_path)

@@ -36,6 +36,10 @@ TRAINING_READS = ('data', 'model', 'flow', 'train', 'eval')
 # fingerprint; a checkpoint's config that lacks it still matches (`default_identity`).
 LATER_FIELDS = {'data.classes': None, 'rf.init': None, 'eval.guidance': 1.0, 'generate.guidance': 1.0}
 
+# Top-level fields that say how a job runs, not what a stage makes: never part of its identity, so
+# setting or changing them reruns nothing and a checkpoint made before them still resumes.
+JOB_FIELDS = ('compile_cache',)
+
 
 def flow_uses_lpips(config: ml_collections.ConfigDict) -> bool:
     """Whether the config's flow loss needs the LPIPS network (then `config.lpips` is read)."""
@@ -98,11 +102,11 @@ class Method:
 
     def identity(self, config: ml_collections.ConfigDict) -> dict:
         """The part of `config` that defines this stage's outputs, as plain JSON data: every
-        top-level field that is not a section, and the sections it reads (`sections`), less the
-        LATER_FIELDS at their unused value."""
+        top-level field that is not a section or one of JOB_FIELDS, and the sections it reads
+        (`sections`), less the LATER_FIELDS at their unused value."""
         data = json.loads(config.to_json())
         keep = set(self.sections(config))
-        out = {k: v for k, v in data.items() if not isinstance(v, dict) or k in keep}
+        out = {k: v for k, v in data.items() if (not isinstance(v, dict) or k in keep) and k not in JOB_FIELDS}
         for field, unused in LATER_FIELDS.items():
             section, name = field.split('.')
             if isinstance(out.get(section), dict) and name in out[section] and out[section][name] == unused:
