@@ -84,7 +84,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mean NFE are reported too (and with `eval.preservation`, how well each model keeps its first
     pairs, `fidelity`); with `eval.groups`, each group's mean / std / min / max
     (`report.group_statistics`); with `eval.differences`, the paired differences of two groups
-    (`report.paired_differences`).
+    (`report.paired_differences`). With several processes each samples, embeds and scores its share of
+    every image batch (docs/methods.md, Metrics); all return the same result and process 0 writes it.
     """
     check(config)
     loaded = {}

@@ -6,6 +6,10 @@ shipped digits classifier for `fd_digits`) in batches sharded over all devices, 
 with the statistics of the real dataset, computed once and cached in the workdir. The report
 also holds the floor: the distance of `eval.num_samples` real images to the same statistics.
 Reconstructions and stored pairs (`fidelity`) are scored by PSNR and, with `eval.lpips`, LPIPS.
+
+With several processes each one samples, reads and embeds only the rows of every batch that its
+devices hold, and scores its own rows; the features and per-image scores are all-gathered in row
+order (`sharding.gather`), never the images, so every process computes the same report.
 """
 
 import functools
@@ -89,7 +93,8 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 class Embedder:
-    """`embed(images) -> (N, D)` features on the host, in sharded batches of `batch_size`."""
+    """The metric network's features of images in batches of `batch_size` sharded over all devices: each
+    process embeds the rows its devices hold and keeps their features (`share`); `features` gathers them."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh):
         self.metric = metric_name(config)
@@ -99,18 +104,32 @@ class Embedder:
         self.batch_size = config.eval.batch_size
         self._fn = jax.jit(features)
 
-    def __call__(self, x: np.ndarray | jax.Array) -> np.ndarray:
-        """Every process passes the same images (numpy, or a global array) and gets all their features."""
-        x = sharding.to_host(x)
-        out = []
-        for lo in range(0, len(x), self.batch_size):
-            chunk = np.asarray(x[lo:lo + self.batch_size], np.float32)
-            valid = len(chunk)
-            if valid < self.batch_size:  # pad to the sharded batch; padding rows are dropped
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid, *chunk.shape[1:]), np.float32)])
-            chunk = jax.device_put(chunk, self._sharding)
-            out.append(sharding.to_host(self._fn(self._variables, chunk))[:valid])
-        return np.concatenate(out).astype(np.float64)
+    def share(self, x: jax.Array, count: int) -> sharding.Share:
+        """This process's features of the first `count` images of a batch (a global array of batch_size rows)."""
+        return sharding.share(self._fn(self._variables, jax.device_put(x, self._sharding)), count)
+
+    def rows(self, count: int, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Features (count, D) float64 of images 0..count-1 on every process, `read(ids)` giving the images `ids`
+        (float32): each process reads and embeds only the images its devices hold (padding rows are zeros)."""
+        shares = []
+        for lo in range(0, count, self.batch_size):
+            valid = min(self.batch_size, count - lo)
+            x = sharding.put_rows(lambda ids: np.asarray(read(lo + ids), np.float32), valid, self.batch_size,
+                                  self._sharding)
+            shares.append(self.share(x, valid))
+        logging.info('%s: features of %d of %d images extracted on process %d', self.metric, embedded(shares), count,
+                     jax.process_index())
+        return features(shares)
+
+
+def embedded(shares: Sequence[sharding.Share]) -> int:
+    """How many images this process embedded for `shares` (their rows it holds)."""
+    return sum(len(s.ids) for s in shares)
+
+
+def features(shares: Sequence[sharding.Share]) -> np.ndarray:
+    """Every process's features of the batches of `shares`, in row order, float64 (on every process)."""
+    return np.concatenate(sharding.gather(shares)).astype(np.float64)
 
 
 def _stats_path(workdir: epath.Path, config: ml_collections.ConfigDict, metric: str) -> epath.Path:
@@ -123,18 +142,18 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: epath.Path,
                          embed: Embedder) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of every image of `data.image`, cached as `<metric>_stats_<hash>.npz`.
 
-    With `data.flip` the model learns the flipped images too, so their mirror images join them.
+    With `data.flip` the model learns the flipped images too, so their mirror images join them. Each
+    process reads and embeds its share of the images; the statistics are those of all their features.
     """
     path = _stats_path(workdir, config, embed.metric)
     if path.exists():
         with path.open('rb') as f, np.load(f) as z:
             return z['mu'], z['sigma']
     data, _ = datasets.load_images(config)
-    n, step = len(data), 8 * embed.batch_size
+    n = len(data)
     mirrors = (False, True) if datasets.flip(config) else (False,)
-    features = np.concatenate([embed(_mirror(datasets.take(data, np.arange(lo, min(lo + step, n))), m))
-                               for m in mirrors for lo in range(0, n, step)])
-    mu, sigma = frechet.statistics(features)
+    mu, sigma = frechet.statistics(np.concatenate([embed.rows(n, lambda ids, m=m: _mirror(datasets.take(data, ids), m))
+                                                   for m in mirrors]))
     if jax.process_index() == 0:
         buf = io.BytesIO()
         np.savez(buf, mu=mu, sigma=sigma, count=n)
@@ -154,10 +173,13 @@ def _real_floor(config: ml_collections.ConfigDict, embed: Embedder, mu: np.ndarr
     data, _ = datasets.load_images(config)
     rng = np.random.default_rng([config.seed, _FLOOR_SALT])
     ids = rng.choice(len(data), min(config.eval.num_samples, len(data)), replace=False)
-    real = datasets.take(data, ids)
-    if datasets.flip(config):
-        real = np.where(rng.random(len(real))[:, None, None, None] < 0.5, real[:, :, ::-1], real)
-    return frechet.frechet_distance(*frechet.statistics(embed(real)), mu, sigma)
+    flips = rng.random(len(ids)) < 0.5 if datasets.flip(config) else np.zeros(len(ids), bool)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        real = datasets.take(data, ids[rows])
+        return np.where(flips[rows][:, None, None, None], real[:, :, ::-1], real)
+
+    return frechet.frechet_distance(*frechet.statistics(embed.rows(len(ids), read)), mu, sigma)
 
 
 @functools.cache
@@ -167,7 +189,8 @@ def _noise_fn(shape: tuple[int, ...], batch: int, out_sharding):
 
 class ImageSuite:
     """The evaluation job's image part (the interface of `job.Suite`): chunks of `eval.batch_size`
-    noise images, sharded over all devices and drawn from the seed, embedded chunk by chunk."""
+    noise images, sharded over all devices and drawn from the seed, embedded chunk by chunk (each
+    process its own rows), the features gathered once per sampler."""
 
     straightness_rows = 256  # of the first noise chunk
     diverged_straightness_as_null = False  # image reports have always kept a NaN straightness as NaN
@@ -203,22 +226,26 @@ class ImageSuite:
 
     def starts(self) -> Iterator[tuple[jax.Array, int]]:
         for i, lo in enumerate(range(0, self._n, self._batch)):
-            yield self._noise(jax.random.fold_in(self._key, i)), self._n - lo
+            yield self._noise(jax.random.fold_in(self._key, i)), min(self._batch, self._n - lo)
 
     def labels(self, chunk: int, classes: int) -> jax.Array:
         """Uniform class labels of a chunk, drawn from (seed, chunk)."""
         return jax.random.randint(jax.random.fold_in(self._label_key, chunk), (self._batch,), 0, classes)
 
-    def measure(self, x1: jax.Array) -> np.ndarray | None:
-        return self.embed(x1) if self.embed is not None else None
+    def measure(self, x1: jax.Array, valid: int) -> sharding.Share | None:
+        """This process's features of the chunk's first `valid` samples (None without a metric network)."""
+        return self.embed.share(x1, valid) if self.embed is not None else None
 
-    def score(self, measures: list[np.ndarray | None], nfe: int) -> dict[str, Any]:
-        """{'nfe', metric}: the Frechet distance of all chunks' features (None if one is not finite)."""
+    def score(self, measures: list[sharding.Share | None], nfe: int) -> dict[str, Any]:
+        """{'nfe', metric}: the Frechet distance of all chunks' features, gathered from every process (None if
+        one is not finite)."""
         out = {'nfe': nfe}
         if self.embed is not None:
-            finite = all(np.isfinite(f).all() for f in measures)
+            logging.info('%s: features of %d of %d samples extracted on process %d', self.metric, embedded(measures),
+                         sum(m.count for m in measures), jax.process_index())
+            samples = features(measures)
             out[self.metric] = frechet.frechet_distance(
-                *frechet.statistics(np.concatenate(measures)), self._mu, self._sigma) if finite else None
+                *frechet.statistics(samples), self._mu, self._sigma) if np.isfinite(samples).all() else None
         return out
 
     def held_out(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -239,15 +266,16 @@ class ImageSuite:
             yield tuple(jax.device_put(p, self._sharding) for p in parts), valid
 
     def compare(self, x: jax.Array, target: jax.Array, valid: int) -> dict[str, np.ndarray]:
-        """{'psnr'[, 'lpips']}: per image of the first `valid` rows, PSNR and (with eval.lpips) LPIPS."""
-        out = {'psnr': fidelity.psnr(sharding.to_host(x)[:valid], sharding.to_host(target)[:valid])}
-        if self._lpips is not None:
-            distance = self._lpips(self._lpips_variables, x, target)
-            out['lpips'] = sharding.to_host(distance)[:valid].astype(np.float64)
-        return out
+        """{'psnr'[, 'lpips']}: per image of the first `valid` rows, PSNR and (with eval.lpips) LPIPS, each
+        process scoring its rows."""
+        if self._lpips is None:
+            return {'psnr': sharding.map_rows(fidelity.psnr, x, target, count=valid)}
+        distance = self._lpips(self._lpips_variables, x, target)
+        return sharding.map_rows(lambda a, b, d: {'psnr': fidelity.psnr(a, b), 'lpips': d.astype(np.float64)},
+                                 x, target, distance, count=valid)
 
-    def shown(self, x1: jax.Array) -> np.ndarray:
-        return sharding.to_host(x1[:self.grid])
+    def shown(self, x1: jax.Array, valid: int) -> np.ndarray:
+        return sharding.head(x1, min(self.grid, valid))
 
     def panels(self, flow, shown: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         del flow  # a grid shows the samples only

@@ -6,6 +6,12 @@ Every model is sampled with every sampler of `eval.samplers` from the data kind'
 samples a coupling store's first pairs (`fidelity`), scored by the suite against their targets. The
 job adds the straightness of its Euler paths, its parameter count and the suite's floor, merges the
 entries into the workdir's report and writes report.json, report.md and the suite's samples.png.
+
+With several processes the image work is split, not repeated: every batch is a global array sharded
+over all devices, each process samples the rows its devices hold and embeds or scores only those, and
+what the metrics need of all rows (features, per-example scores, per-path deviations) is all-gathered
+in row order (`sharding.gather`), never the images, so every process ends with the same report;
+process 0 writes the files. Toy data's one small chunk is sampled whole by each process (toy.py).
 """
 
 import functools
@@ -37,16 +43,18 @@ class Suite(Protocol):
     diverged_straightness_as_null: bool  # a non-finite straightness is reported as null (else as NaN)
 
     def starts(self) -> Iterator[tuple[jax.Array, int]]:
-        """(x0, rows kept of its samples) per chunk; the same for every model and sampler."""
+        """(x0, how many of its rows are examples) per chunk; the same for every model and sampler."""
 
     def labels(self, chunk: int, classes: int) -> jax.Array:
         """The class labels of a chunk's samples, for a class-conditional model."""
 
-    def measure(self, x1: jax.Array) -> Any:
-        """What `score` needs of one chunk of samples (the samples themselves, or their features)."""
+    def measure(self, x1: jax.Array, valid: int) -> Any:
+        """This process's part of what `score` needs of a chunk's first `valid` samples (the samples themselves,
+        or their features, of the rows its devices hold)."""
 
     def score(self, measures: list, nfe: int) -> dict[str, Any]:
-        """One sampler's report cell from every chunk's measure: {metric: value, 'nfe': nfe}."""
+        """One sampler's report cell from every chunk's measure, combined over the processes (the same cell on
+        every process): {metric: value, 'nfe': nfe}."""
 
     def held_out(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
         """`count` held-out real examples (float32) and their labels (None without), for eval.reconstruction."""
@@ -55,10 +63,11 @@ class Suite(Protocol):
         """Host arrays of equal length in chunks placed as the starts are: (the chunk of each, real rows)."""
 
     def compare(self, x: jax.Array, target: jax.Array, valid: int) -> dict[str, np.ndarray]:
-        """{score: per-example values (float64)} of a chunk's outputs against its targets, first `valid` rows."""
+        """{score: per-example values (float64)} of a chunk's outputs against its targets, first `valid` rows, on
+        every process (each scores the rows it holds)."""
 
-    def shown(self, x1: jax.Array) -> np.ndarray:
-        """The samples of the first chunk that the figure shows."""
+    def shown(self, x1: jax.Array, valid: int) -> np.ndarray:
+        """The samples of the first chunk (`valid` of its rows are examples) that the figure shows."""
 
     def panels(self, flow: 'Flow', shown: Mapping[str, np.ndarray]) -> Any:
         """One model's part of the figure, from its shown samples per sampler."""
@@ -174,15 +183,19 @@ def mean_nfe(nfes: Sequence[int]) -> int:
     return int(round(float(np.mean(nfes))))
 
 
-def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite) -> tuple[dict[str, Any], np.ndarray]:
-    """(report cell, shown samples) of one model and sampler, over all chunks of the suite's starts."""
-    measures, nfes, shown = [], [], None
-    for chunk, (x0, rows) in enumerate(suite.starts()):
+def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite,
+                   name: str) -> tuple[dict[str, Any], np.ndarray]:
+    """(report cell, shown samples) of one model and sampler, over all chunks of the suite's starts: each process
+    samples and measures the rows of every chunk that its devices hold, and the suite's score combines them."""
+    measures, nfes, shown, held, count = [], [], None, 0, 0
+    for chunk, (x0, valid) in enumerate(suite.starts()):
         x1, nfe = flow.sample(sampler, x0, chunk)
-        x1 = x1[:rows]
-        shown = suite.shown(x1) if shown is None else shown
-        measures.append(suite.measure(x1))
+        shown = suite.shown(x1, valid) if shown is None else shown
+        measures.append(suite.measure(x1, valid))
+        held, count = held + sharding.held_rows(x1, valid), count + valid
         nfes.append(int(nfe))
+    logging.info('evaluate %s %s: %d of %d examples sampled on process %d', name, sampler.key, held, count,
+                 jax.process_index())
     return suite.score(measures, mean_nfe(nfes)), shown
 
 
@@ -223,10 +236,15 @@ def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequ
 
 
 def _straightness(flow: Flow, suite: Suite, steps: int) -> dict[str, float | None]:
-    """{'straightness', 'straightness_norm'} of the model's Euler paths from the first chunk's starts."""
-    x0, _ = next(iter(suite.starts()))
-    xs, vs = flow.path(steps, x0[:suite.straightness_rows], 0)
-    values = straightness.path_straightness(sharding.to_host(xs), sharding.to_host(vs), flow.duration)
+    """{'straightness', 'straightness_norm'} of the model's Euler paths from the first chunk's starts (its
+    examples, or its first `suite.straightness_rows` rows): each process takes the paths its devices hold, and
+    their per-step deviations are gathered."""
+    x0, valid = next(iter(suite.starts()))
+    count = valid if suite.straightness_rows is None else min(len(x0), suite.straightness_rows)
+    xs, vs = flow.path(steps, sharding.leading(x0, count), 0)
+    deviations = sharding.map_rows(lambda a, b: straightness.squared_deviations(a, b, flow.duration).T, xs, vs,
+                                   count=count, axis=1)
+    values = straightness.summary(np.ascontiguousarray(deviations.T))
     if suite.diverged_straightness_as_null:
         return {k: report.finite_or_none(v) for k, v in values.items()}
     return values
@@ -240,8 +258,9 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
     Entry per model: {'params': count, sampler_key: {metric: value, 'nfe': n}, 'straightness',
     'straightness_norm', and the suite's floor}; each of `tasks` (reconstruction, preservation)
     adds its '<task>_<score>' and '<task>_nfe' to every sampler's cell. Class-conditional models are
-    sampled with classifier-free `guidance` (1: none; the NFE counts its calls). Writes report.json,
-    report.md and samples.png (process 0) and returns the merged report.
+    sampled with classifier-free `guidance` (1: none; the NFE counts its calls). Every process samples and
+    scores its share of each batch and gets the same merged report; process 0 writes report.json, report.md
+    and samples.png. Returns the merged report.
     """
     results, panels = {}, {}
     for name, model in models.items():
@@ -252,7 +271,7 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
             raise errors.UserError(f"evaluate {name}: none of eval.samplers ({', '.join(s.key for s in samplers)}) "
                                    f'applies to a model of kind {flow.kind.name!r}')
         for sampler in applicable:
-            entry[sampler.key], shown[sampler.key] = _score_sampler(flow, sampler, suite)
+            entry[sampler.key], shown[sampler.key] = _score_sampler(flow, sampler, suite, name)
             entry[sampler.key].update(_score_tasks(flow, sampler, suite, tasks, name))
             logging.info('evaluate %s %s: %s', name, sampler.key, entry[sampler.key])
         entry.update(_straightness(flow, suite, straightness_steps))
@@ -272,7 +291,8 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, models: Mapping[str, Model]) -> dict:
-    """Scores `models` ({label: (apply, params[, num_classes])}) on `config.data` with `eval.samplers`."""
+    """Scores `models` ({label: (apply, params[, num_classes])}) on `config.data` with `eval.samplers`; with several
+    processes each samples and scores its share of the examples (`score_models`)."""
     suite_type = SUITES[config.data.kind]
     suite_type.check(config)
     samplers = parse_samplers(config)

@@ -10,7 +10,9 @@ the same sampler:
 For every sampler of `edit.samplers` and scale of `edit.guidance`, `edit.count` held-out images
 are edited to the targets of `edit.targets` and scored: the shipped digits classifier's accuracy
 on the edits (8x8 digits only), PSNR, RMSE (uint8 units) and, with eval.lpips, LPIPS of each edit
-against its source, and the NFE of both solves. Writes edit.json, edit.md and edit.png.
+against its source, and the NFE of both solves. Writes edit.json, edit.md and edit.png. With several
+processes each edits and scores the sources its devices hold; only the per-edit scores (and the edits the
+figure shows) are gathered.
 """
 
 import dataclasses
@@ -179,7 +181,7 @@ def is_digits(config: ml_collections.ConfigDict, shape: Sequence[int]) -> bool:
 
 
 class _Classifier:
-    """The shipped digits classifier on sharded chunks: predicted classes on the host."""
+    """The shipped digits classifier on sharded chunks: whether it predicts each image's class."""
 
     def __init__(self, mesh):
         from flowjax.metrics import digits_classifier
@@ -188,8 +190,10 @@ class _Classifier:
         self._variables = jax.device_put(variables, sharding.replicated(mesh))
         self._fn = jax.jit(lambda v, x: module.apply(v, x).argmax(-1))
 
-    def __call__(self, x: jax.Array) -> np.ndarray:
-        return sharding.to_host(self._fn(self._variables, x))
+    def hits(self, x: jax.Array, classes: jax.Array, valid: int) -> np.ndarray:
+        """1.0 where the predicted class of image i < `valid` is classes[i], else 0.0 (each process its rows)."""
+        return sharding.map_rows(lambda p, c: (p == c).astype(np.float64), self._fn(self._variables, x), classes,
+                                 count=valid)
 
 
 def _load(path: str) -> kinds.Model:
@@ -255,14 +259,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               else options.targets, 'num_classes': classes, 'classifier': digits,
                               'edits': int(is_edit.sum()), 'reconstructions': int((~is_edit).sum())}
     if digits:
-        predicted = [classifier(x)[:valid] for (x,), valid in suite.chunks([x1])]
-        result['source_accuracy'] = float(np.mean(np.concatenate(predicted) == labels))
+        hits = [classifier.hits(x, y, valid) for (x, y), valid in suite.chunks([x1, labels])]
+        result['source_accuracy'] = float(np.mean(np.concatenate(hits)))
     shown, results = {}, {}
     for sampler in options.samplers:
         results[sampler.key] = {}
         for w in options.guidance:
             cell, shown[(sampler.key, w)] = _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite,
-                                                      classifier, is_edit, name)
+                                                      classifier, is_edit, name, options.grid)
             results[sampler.key][f'{w:g}'] = cell
     result['results'] = results
     if jax.process_index() == 0:
@@ -275,28 +279,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return result
 
 
-def _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite, classifier, is_edit,
-              name) -> tuple[dict[str, Any], np.ndarray]:
-    """One (sampler, guidance) cell: every source edited to every column's target, in sharded chunks;
-    (the cell, the edits (count, columns, H, W, C) on the host)."""
+def _edit_all(kind, params, sampler, w, eps, x1, labels, columns, suite, classifier, is_edit, name,
+              grid) -> tuple[dict[str, Any], np.ndarray]:
+    """One (sampler, guidance) cell: every source edited to every column's target, in sharded chunks (each
+    process its rows); (the cell, the edits of the first `grid` sources (grid, columns, H, W, C) on the host)."""
     scores: dict[str, list] = {}
     edits, nfes_in, nfes_out = [], [], []
     for (x, y, *targets), valid in suite.chunks([x1, labels, *columns]):
         z, n_in = invert(kind, params, x, y, sampler, eps=eps)
         nfes_in.append(int(n_in))
-        chunk, source = [], sharding.to_host(x)[:valid]
+        chunk, shown = [], min(valid, grid - sum(map(len, edits)))
         for target in targets:
             out, n_out = regenerate(kind, params, z, target, sampler, eps=eps, guidance=w, name=name)
             nfes_out.append(int(n_out))
             per = dict(suite.compare(out, x, valid))
-            host = sharding.to_host(out)[:valid]
-            per['rmse'] = fidelity.rmse(host, source, fidelity.UINT8_SCALE)
+            per['rmse'] = sharding.map_rows(lambda a, b: fidelity.rmse(a, b, fidelity.UINT8_SCALE), out, x, count=valid)
             if classifier is not None:
-                per['accuracy'] = (classifier(out)[:valid] == sharding.to_host(target)[:valid]).astype(np.float64)
+                per['accuracy'] = classifier.hits(out, target, valid)
             for k, v in per.items():
                 scores.setdefault(k, []).append(v)
-            chunk.append(host)
-        edits.append(np.stack(chunk, axis=1))  # (valid, columns, ...)
+            if shown > 0:
+                chunk.append(sharding.head(out, shown))
+        if chunk:
+            edits.append(np.stack(chunk, axis=1))  # (shown, columns, ...)
     # scores were gathered chunk by chunk, column by column: back to source-major (source, column) order
     n_cols = len(columns)
     ordered = {}

@@ -3,9 +3,10 @@
 For every model of `invert.models` and every sampler of `invert.samplers` that applies to its kind, the
 first `invert.count` held-out examples of the data kind's suite (the points / images eval.reconstruction
 uses, with their labels) are inverted to noise z by `kind.invert` and regenerated from z by `kind.sample`,
-in the suite's chunks (sharded over all devices for images). Per (model, sampler) the report gives the
-round trip's error: rmse (images in uint8 units), its spread over examples, mse, on images psnr and, with
-eval.lpips, lpips; and the NFE of both directions.
+in the suite's chunks (sharded over all devices). Per (model, sampler) the report gives the round trip's
+error: rmse (images in uint8 units), its spread over examples, mse, on images psnr and, with eval.lpips,
+lpips; and the NFE of both directions. With several processes each inverts, regenerates and scores the
+examples its devices hold; only the per-example scores (and the figure's first examples) are gathered.
 
 The reserved model 'analytic' is the exact rectified flow from N(0, I) to a Gaussian N(mu, diag(s^2))
 fitted per dimension to the same held-out examples (`analytic_model`): its inversion is known in closed
@@ -250,17 +251,17 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
             y = rest[0] if label is not None else None
             z, n_in = invert_fn(model.params, x, y)
             out, n_out = sample_fn(model.params, z, y)
-            got, want = sharding.to_host(out)[:valid], sharding.to_host(x)[:valid]
-            per = {**suite.compare(out, x, valid), 'mse': fidelity.mse(got, want),
-                   'rmse': fidelity.rmse(got, want, scale)}
+            per = {**suite.compare(out, x, valid), **sharding.map_rows(
+                lambda got, want: {'mse': fidelity.mse(got, want), 'rmse': fidelity.rmse(got, want, scale)},
+                out, x, count=valid)}
             if analytic:
-                per['noise_rmse'] = fidelity.rmse(sharding.to_host(z)[:valid], sharding.to_host(rest[-1])[:valid])
+                per['noise_rmse'] = sharding.map_rows(fidelity.rmse, z, rest[-1], count=valid)
             for score, values in per.items():
                 scores.setdefault(score, []).append(values)
             nfe_in.append(int(n_in))
             nfe.append(int(n_in) + int(n_out))
-            if sum(map(len, outs)) < shown:
-                outs.append(got)
+            if (have := sum(map(len, outs))) < shown:
+                outs.append(sharding.head(out, min(valid, shown - have)))
         cell = {'nfe': job.mean_nfe(nfe), 'invert_nfe': job.mean_nfe(nfe_in)}
         rmse = per_example[sampler.key] = np.concatenate(scores['rmse'])
         cell['rmse_std'] = report.finite_or_none(float(np.std(rmse))) if np.isfinite(rmse).all() else None
