@@ -86,6 +86,10 @@ def _last_table(stdout: str) -> list[dict]:
      lambda rows: [r['stage'] for r in rows] == ['teacher', 'couplings', 'reflow', 'distill', 'evaluate',
                                                  'total (process)'] and float(rows[0]['train steps/s']) > 0),
     ('input_pipeline.py', ['--batch', '8', '--steps', '5'], lambda rows: float(rows[0]['img/s'].replace(',', '')) > 0),
+    ('coupling_reader.py', ['--pairs', '300', '--shard_size', '100', '--batch', '16', '--steps', '3', '--threads', '1',
+                            '--cache', 'warm', '--repeats', '1'],
+     lambda rows: [r['reader'] for r in rows] == ['load', 'pread x1', 'pread x1, no hints', 'mmap']
+     and all(r['note'] == '-' and float(r['rows/s'].replace(',', '')) > 0 for r in rows)),
     # one bfloat16 run (the script runs each dtype:seed alike, in its own process; two would double the time)
     ('bf16_quality.py', ['--arg', 'runlocal', '--steps', '10', '--runs', 'bfloat16:0', '--samplers', 'euler@2'],
      lambda rows: [r['dtype'] for r in rows] == ['bfloat16'] and all(r['note'] == '-' for r in rows)),
