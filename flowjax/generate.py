@@ -410,15 +410,17 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
                 arrays['label'] = label.astype(np.int32)
             if writing is not None:
                 writing.result()  # one shard written at a time, in order; a failed write is raised here
+                if watch.reached(n - 1, n):  # a stop asked for while shard n - 1 was written: not shard n
+                    writing = None
+                    break
             writing = writer.submit(couplings.write_shard, out, k, arrays, cfg.dtype)
             nfe_sums[k] = (int(nfe.sum()), len(nfe))
             seconds, last = max(time.monotonic() - last, 1e-9), time.monotonic()
             progress(done + n + 1, {'shard': k, 'pairs/s': len(nfe) / seconds, 'nfe/s': nfe.sum() / seconds,
                                     'mean_nfe': nfe.mean()})
-            if watch.reached(n, n + 1):
-                break
         if writing is not None:
             writing.result()
+            watch.reached(len(todo) - 1, len(todo))
     timing['loop'] = time.monotonic() - begun
     return nfe_sums
 
