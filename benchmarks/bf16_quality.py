@@ -5,7 +5,7 @@ optimiser, EMA and loss in float32): loss curves and sample quality side by side
     python benchmarks/bf16_quality.py                      # the digits teacher, on a CPU in minutes
     python benchmarks/bf16_quality.py --experiment rf_cifar --stage '' --steps 20000 --samplers euler@100
     python benchmarks/bf16_quality.py --experiment rf_cifar --stage '' --images digits32 --steps 3000 \
-        --samplers euler@8 euler@32 --out runs/bf16_cifar   # the CIFAR model on a GPU, no dataset needed
+        --warmup 400 --samplers euler@8 euler@32 --out runs/bf16_cifar   # the CIFAR model on a GPU, no dataset
 
 Each run trains the experiment's stage (`--stage`; '' for a single-method experiment) with its
 own method for `--steps` steps in a fresh workdir, in its own process, and evaluates the EMA
@@ -39,11 +39,15 @@ def run_case(case: dict) -> dict:
     config.seed = case['seed']
     config.train.steps = case['steps']
     config.eval.samplers = tuple(case['samplers'])
+    config.train.log_every = max(case['steps'] // 40, 1)  # a loss curve of about 40 points
+    if case.get('warmup') is not None:
+        config.train.warmup_steps = case['warmup']
     with tempfile.TemporaryDirectory() as tmp:
         if case.get('images') == 'digits32':
             config.data.image = {'name': 'npz', 'path': _digits32(pathlib.Path(tmp) / 'digits32.npz')}
             config.data.flip = False
             config.eval.metric = 'none'
+            config.eval.num_samples = config.eval.batch_size  # the job's own evaluation: grids only
         started = time.perf_counter()
         table.METHODS[config.method].run(config, tmp)
         seconds = time.perf_counter() - started
@@ -123,6 +127,8 @@ def main() -> None:
     parser.add_argument('--images', choices=['digits32'], default=None,
                         help="train on the digits scaled to 32x32x3 instead of the experiment's data")
     parser.add_argument('--out', default=None, help='with --images: a directory for the sample PNGs')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help="train.warmup_steps (default: the recipe's; a short run may never reach its lr)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
@@ -131,7 +137,7 @@ def main() -> None:
     for run in args.runs:
         dtype, _, seed = run.partition(':')
         case = dict(experiment=args.experiment, arg=args.arg, stage=args.stage, dtype=dtype, seed=int(seed or 0),
-                    steps=args.steps, samplers=args.samplers, images=args.images,
+                    steps=args.steps, warmup=args.warmup, samplers=args.samplers, images=args.images,
                     out=args.out and str(pathlib.Path(args.out).resolve()))
         rows.append(measure.run_isolated(__file__, case, args.timeout))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != 'curve'}), flush=True)

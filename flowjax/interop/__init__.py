@@ -1,0 +1,1 @@
+"""Weights in and out of flowjax: PyTorch teachers in, safetensors out."""
