@@ -131,6 +131,9 @@ def main() -> None:
                         help="train.warmup_steps (default: the recipe's; a short run may never reach its lr)")
     args = parser.parse_args()
     if args.case:
+        from absl import logging
+
+        logging.set_verbosity(logging.INFO)  # the run's progress on stderr
         print(json.dumps(run_case(json.loads(args.case))))
         return
     rows = []
