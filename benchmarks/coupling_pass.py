@@ -65,7 +65,7 @@ def run_case(case: dict) -> dict:
                                model_dtype=case['dtype'])
         job = generate.prepare(config, mesh)
         eps = job.manifest['t_eps']
-        solve = generate._pair_solver(job.kind, job.sampler, eps, True, mesh)
+        solve = generate.pair_solver(job.kind, job.sampler, eps, True, mesh)
         rows = NamedSharding(mesh, P('data'))
         params = jax.device_put(job.params, NamedSharding(mesh, P()))
         x = jax.device_put(measure.host_array((case['batch'], *shape)), rows)

@@ -234,7 +234,7 @@ def _check_labels(config: ml_collections.ConfigDict, classes: int) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _pair_solver(kind: kinds.Kind, sampler: solvers.Sampler, eps: float, backward: bool, mesh: Mesh):
+def pair_solver(kind: kinds.Kind, sampler: solvers.Sampler, eps: float, backward: bool, mesh: Mesh):
     """Jitted `(params, x, label) -> (x_end, nfe)`: each device solves its rows one pair at a time
     (vmap), sampling noise -> data (`backward`) or inverting data -> noise through the kind;
     `label` is used only by a class-conditional model."""
@@ -251,16 +251,16 @@ def _pair_solver(kind: kinds.Kind, sampler: solvers.Sampler, eps: float, backwar
                                  out_specs=(P('data'), P('data')), check_vma=False))
 
 
-def _start_drawer(draw: Draw, mesh: Mesh):
+def start_drawer(draw: Draw, mesh: Mesh):
     """Jitted `(key, ids) -> x`: example i drawn from fold_in(key, i), on the device holding row i."""
     local = lambda key, ids: jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(ids)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data')))
 
 
-def _label_drawer(classes: int, mesh: Mesh):
+def label_drawer(classes: int, mesh: Mesh):
     """Jitted `(key, ids) -> labels`: pair i's class drawn uniformly from fold_in(key, i) (0 if none)."""
     draw = (lambda key: jax.random.randint(key, (), 0, classes)) if classes else (lambda key: jnp.int32(0))
-    return _start_drawer(draw, mesh)
+    return start_drawer(draw, mesh)
 
 
 def _start_points(job: Job, direction: str, mesh: Mesh) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
@@ -275,8 +275,8 @@ def _start_points(job: Job, direction: str, mesh: Mesh) -> Callable[[np.ndarray]
 
         return read
     key = start_key(job.manifest['seed'], direction)
-    draw = _start_drawer(job.endpoints.noise if direction == 'backward' else job.endpoints.data, mesh)
-    draw_label, label_key = _label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)
+    draw = start_drawer(job.endpoints.noise if direction == 'backward' else job.endpoints.data, mesh)
+    draw_label, label_key = label_drawer(job.classes, mesh), jax.random.fold_in(key, 0x1AB)
 
     def on_device(ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
         ids = jax.device_put(ids, row_sharding)
@@ -371,7 +371,7 @@ def _write_shards(job: Job, cfg: ml_collections.ConfigDict, mesh: Mesh, out: epa
     of the next shard are drawn, and the last one's pairs copied and written, while the devices work."""
     backward = cfg.direction == 'backward'
     eps = job.manifest['t_eps']
-    solve = _pair_solver(job.kind, job.sampler, eps, backward, mesh)
+    solve = pair_solver(job.kind, job.sampler, eps, backward, mesh)
     starts = _start_points(job, cfg.direction, mesh)
     params = jax.device_put(job.params, NamedSharding(mesh, P()))
     rows = min(cfg.batch_size, -(-cfg.shard_size // mesh.size) * mesh.size)

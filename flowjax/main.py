@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     if jax.process_index() == 0:  # the one process that writes reports says where they are
-        outputs = [name for name in ('report.md', 'report.json', 'samples.png', 'export', 'manifest.json')
+        outputs = [name for name in ('report.md', 'report.json', 'samples.npz', 'samples.png', 'export', 'manifest.json')
                    if os.path.exists(os.path.join(workdir, name))]
         print(f"flowjax: {method} finished in {workdir}: {', '.join(outputs)}")
 

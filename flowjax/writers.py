@@ -8,6 +8,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from flowjax import progress
+
 
 def _tensorboard_writer(workdir: epath.Path):
     """clu's summary writer, only if TensorFlow is importable (it is an optional extra)."""
@@ -71,12 +73,5 @@ class Progress:
         self._last_step, self._last_time = step, now
         eta = (self._total - step) / max(rate, 1e-9)
         shown = '  '.join(f'{k} {v:.4g}' for k, v in scalars.items())
-        logging.info('step %d/%d  %s  %.1f steps/s  ETA %s', step, self._total, shown, rate, _duration(eta))
+        logging.info('step %d/%d  %s  %.1f steps/s  ETA %s', step, self._total, shown, rate, progress.duration(eta))
         return rate
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'

@@ -21,7 +21,7 @@ import cli_server
 from conftest import ROOT, experiment_config
 from flowjax import checkpoint, generate, models, train
 from flowjax.data import couplings
-from flowjax.methods import caf, rf
+from flowjax.methods import caf, rf, sample
 from flowjax.models import kinds
 
 TOY_RF = '--config=experiments/toy2d_rf.py:runlocal'
@@ -39,6 +39,7 @@ INVERT_TOY = ['--config=experiments/fireflow_toy2d.py:runlocal', '--workdir={new
 INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)', '--config.invert.invert.differences=()']
 EDIT = '--config=experiments/fireflow_digits.py:runlocal'
 EDIT_ALONE = [EDIT, '--workdir={new}', '--config.stages=("edit_s0",)']  # the edit stage of an export given to it
+SAMPLE = ['--config=experiments/sample.py:runlocal,checkpoint={teacher_a}', '--workdir={new}']
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -298,6 +299,32 @@ CASES = [
      ['edit.targets=(3, 12)', 'class 12 is not a class', 'num_classes=10']),
     ('edit of toy data', [EDIT, '--workdir={new}', '--config.edit_s0.data.kind=toy2d'],
      ["edit_s0.data.kind='toy2d'", "data.kind='image'"]),
+    # sample (docs/methods.md, Sample job): experiments/sample.py:runlocal of teacher_a (an unconditional toy model);
+    # `samples` holds a finished job of it (seed 0). More refusals (another kind's sampler, a class beyond the
+    # model's, a foreign samples.npz): tests/test_sample.py.
+    ('sample checkpoint missing', ['--config=experiments/sample.py:runlocal', '--workdir={new}'],
+     ['sample.checkpoint', 'is required']),
+    ('sample checkpoint not an export', [*SAMPLE, '--config.sample.checkpoint={new}/nothing'],
+     ['sample.checkpoint: ', 'nothing: no exported model here']),
+    ('sample count 0', [*SAMPLE, '--config.sample.count=0'], ['sample.count=0', 'integer >= 1']),
+    ('sample unknown sampler', [*SAMPLE, '--config.sample.sampler=eulr@4'], ['sample.sampler', "unknown solver 'eulr'"]),
+    ('sample sampler of another kind', [*SAMPLE, '--config.sample.sampler=caf@2'],
+     ["sample.sampler='caf@2'", 'does not apply', "kind 'velocity'"]),
+    ('sample seed negative', [*SAMPLE, '--config.sample.seed=-1'], ['sample.seed=-1', 'integer >= 0']),
+    ('sample batch not divisible by the devices', [*SAMPLE, '--config.sample.batch_size=12'],
+     ['sample.batch_size=12', 'device count (8)']),
+    ('sample labels unknown', [*SAMPLE, '--config.sample.labels=some'],
+     ["sample.labels='some'", "'uniform', a class id >= 0 or a non-empty tuple"]),
+    ('sample labels negative', [*SAMPLE, '--config.sample.labels=(1,-1)'], ['sample.labels=(1, -1)', 'class ids >= 0']),
+    ('sample labels of an unconditional model', [*SAMPLE, '--config.sample.labels=3'],
+     ['sample.labels=3', 'is not class-conditional', 'model.num_classes > 0']),
+    ('sample guidance negative', [*SAMPLE, '--config.sample.guidance=-1.0'],
+     ['sample.guidance=-1.0', 'finite number >= 0']),
+    ('sample guidance of an unconditional model', [*SAMPLE, '--config.sample.guidance=2.0'],
+     ['sample.guidance=2', 'not class-conditional', 'model.label_dropout > 0']),
+    ('sample grid negative', [*SAMPLE, '--config.sample.grid=-1'], ['sample.grid=-1', 'integer >= 0']),
+    ('sample workdir of another job', [*SAMPLE, '--workdir={samples}', '--config.sample.seed=1'],
+     ['parts: holds samples made with seed=0 but this run asks for seed=1', 'use another workdir']),
 ]
 
 
@@ -358,6 +385,9 @@ def made(tmp_path_factory):
     shapes = jax.eval_shape(lambda key: kind.init(key, (8, 8, 1)), jax.random.key(0))
     checkpoint.export(root / 'digits_cond', jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                       train.export_meta(edit_stage, kind, (8, 8, 1), edit_stage.train.steps))
+    # sample: a finished job of teacher_a, as experiments/sample.py:runlocal makes it (fewer samples)
+    samples = experiment_config('sample', f"runlocal,checkpoint={root / 'teacher_a'},count=16")
+    sample.run(samples, str(root / 'samples'))
     return root
 
 
@@ -379,7 +409,7 @@ def _snapshot(root) -> dict[str, str]:
 def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fragments):
     paths = {'new': tmp_path / 'new', 'pipeline_copy': tmp_path / 'pipeline', 'a_file': made / 'a_file',
              **{name: made / name for name in ('teacher_a', 'teacher_b', 'truncated', 'compressed', 'trained',
-                                                   'caf_a', 'digits_cond')},
+                                                   'caf_a', 'digits_cond', 'samples')},
              'int_compile_cache': made / 'int_compile_cache.py'}
     if any('{pipeline_copy}' in a for a in args):
         shutil.copytree(made / 'pipeline', paths['pipeline_copy'])

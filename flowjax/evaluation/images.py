@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flowjax import errors, sharding
+from flowjax import errors, progress, sharding
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, frechet, report
 from flowjax.methods import method
@@ -108,15 +108,18 @@ class Embedder:
         """This process's features of the first `count` images of a batch (a global array of batch_size rows)."""
         return sharding.share(self._fn(self._variables, jax.device_put(x, self._sharding)), count)
 
-    def rows(self, count: int, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def rows(self, count: int, read: Callable[[np.ndarray], np.ndarray], name: str = '') -> np.ndarray:
         """Features (count, D) float64 of images 0..count-1 on every process, `read(ids)` giving the images `ids`
-        (float32): each process reads and embeds only the images its devices hold (padding rows are zeros)."""
+        (float32): each process reads and embeds only the images its devices hold (padding rows are zeros). The
+        progress is logged as `name` (default: '<metric> features')."""
         shares = []
+        done = progress.Progress(name or f'{self.metric} features', count, unit='images')
         for lo in range(0, count, self.batch_size):
             valid = min(self.batch_size, count - lo)
             x = sharding.put_rows(lambda ids: np.asarray(read(lo + ids), np.float32), valid, self.batch_size,
                                   self._sharding)
             shares.append(self.share(x, valid))
+            done.update(valid)
         logging.info('%s: features of %d of %d images extracted on process %d', self.metric, embedded(shares), count,
                      jax.process_index())
         return features(shares)
@@ -152,8 +155,9 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: epath.Path,
     data, _ = datasets.load_images(config)
     n = len(data)
     mirrors = (False, True) if datasets.flip(config) else (False,)
-    mu, sigma = frechet.statistics(np.concatenate([embed.rows(n, lambda ids, m=m: _mirror(datasets.take(data, ids), m))
-                                                   for m in mirrors]))
+    mu, sigma = frechet.statistics(np.concatenate([
+        embed.rows(n, lambda ids, m=m: _mirror(datasets.take(data, ids), m),
+                   f"{embed.metric} reference statistics{' (mirrored)' if m else ''}") for m in mirrors]))
     if jax.process_index() == 0:
         buf = io.BytesIO()
         np.savez(buf, mu=mu, sigma=sigma, count=n)
@@ -179,7 +183,8 @@ def _real_floor(config: ml_collections.ConfigDict, embed: Embedder, mu: np.ndarr
         real = datasets.take(data, ids[rows])
         return np.where(flips[rows][:, None, None, None], real[:, :, ::-1], real)
 
-    return frechet.frechet_distance(*frechet.statistics(embed.rows(len(ids), read)), mu, sigma)
+    return frechet.frechet_distance(*frechet.statistics(embed.rows(len(ids), read, f'{embed.metric} real floor')),
+                                    mu, sigma)
 
 
 @functools.cache
@@ -208,6 +213,7 @@ class ImageSuite:
         self.embed = Embedder(config, mesh) if METRICS[self.metric] else None
         self.grid = config.eval.grid
         self._n, self._batch = config.eval.num_samples, config.eval.batch_size
+        self.num_samples = self._n
         self._key = jax.random.fold_in(jax.random.key(config.seed), _NOISE_SALT)
         self._label_key = jax.random.fold_in(self._key, _LABEL_SALT)
         self._noise = _noise_fn(datasets.sample_shape(config), self._batch, NamedSharding(mesh, P('data')))
@@ -286,9 +292,16 @@ class ImageSuite:
         save_grids(path, panels, results, metric=self.metric, title=title)
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] as uint8 pixels: (x + 1) * 127.5 rounded, clipped to 0..255 (as PNG files and FID tools
+    read them)."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+
+
 def grid(x: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """Images (N, H, W, C) in [-1, 1] tiled into one uint8 (rows * H, columns * W, C) image."""
-    x = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    """Images (N, H, W, C) in [-1, 1] (or uint8 pixels) tiled into one uint8 (rows * H, columns * W, C) image."""
+    x = np.asarray(x)
+    x = x if x.dtype == np.uint8 else to_uint8(x)
     n, h, w, c = x.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flowjax import errors, sharding
+from flowjax import errors, progress, sharding
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, images, report, straightness, toy
 from flowjax.flows import solvers
@@ -39,6 +39,7 @@ class Suite(Protocol):
     """What a data kind brings to the job: its starts, metrics, floor and figure."""
 
     floor: dict[str, float]  # the held-out data's own scores (the `*_data` entries)
+    num_samples: int  # the examples of all chunks of `starts` (what a sampler's progress counts to)
     straightness_rows: int | None  # rows of the first start batch the straightness path runs on (None: all)
     diverged_straightness_as_null: bool  # a non-finite straightness is reported as null (else as NaN)
 
@@ -188,12 +189,14 @@ def _score_sampler(flow: Flow, sampler: solvers.Sampler, suite: Suite,
     """(report cell, shown samples) of one model and sampler, over all chunks of the suite's starts: each process
     samples and measures the rows of every chunk that its devices hold, and the suite's score combines them."""
     measures, nfes, shown, held, count = [], [], None, 0, 0
+    done = progress.Progress(f'evaluate {name} {sampler.key}', suite.num_samples, unit='samples')
     for chunk, (x0, valid) in enumerate(suite.starts()):
         x1, nfe = flow.sample(sampler, x0, chunk)
         shown = suite.shown(x1, valid) if shown is None else shown
         measures.append(suite.measure(x1, valid))
         held, count = held + sharding.held_rows(x1, valid), count + valid
         nfes.append(int(nfe))
+        done.update(valid)
     logging.info('evaluate %s %s: %d of %d examples sampled on process %d', name, sampler.key, held, count,
                  jax.process_index())
     return suite.score(measures, mean_nfe(nfes)), shown
@@ -223,12 +226,14 @@ def _score_tasks(flow: Flow, sampler: solvers.Sampler, suite: Suite, tasks: Sequ
         labels = class_labels(flow.kind.num_classes, task.labels, f'evaluate {name}: eval.{task.name}', task.source)
         rows = [task.inputs, task.targets] + ([] if labels is None else [labels])
         scores, nfes = {}, []
+        done = progress.Progress(f'evaluate {name} {sampler.key} {task.name}', len(task.inputs), unit='examples')
         for (x, target, *label), valid in suite.chunks(rows):
             run = flow.reconstruct if task.round_trip else flow.sample_from
             out, nfe = run(sampler, x, label[0] if label else None)
             for score, values in suite.compare(out, target, valid).items():
                 scores.setdefault(score, []).append(values)
             nfes.append(int(nfe))
+            done.update(valid)
         for score, values in scores.items():
             cell[f'{task.name}_{score}'] = report.finite_or_none(float(np.mean(np.concatenate(values))))
         cell[f'{task.name}_nfe'] = mean_nfe(nfes)

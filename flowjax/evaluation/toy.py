@@ -96,6 +96,7 @@ class PointCloudSuite:
         self.trajectory_count = trajectory_count
         self._data_b = data_b
         self._x0 = jnp.asarray(self.source)
+        self.num_samples = len(self.source)
 
     @functools.cached_property
     def floor(self) -> dict[str, float]:

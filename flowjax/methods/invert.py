@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flowjax import errors, evaluate, sharding
+from flowjax import errors, evaluate, progress, sharding
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, images, job, report
 from flowjax.flows import solvers
@@ -247,6 +247,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
         scores: dict[str, list[np.ndarray]] = {}
         nfe_in, nfe = [], []
         outs = []
+        done = progress.Progress(f'invert {name} {sampler.key}', len(x1), unit='examples')
         for (x, *rest), valid in suite.chunks(rows):
             y = rest[0] if label is not None else None
             z, n_in = invert_fn(model.params, x, y)
@@ -262,6 +263,7 @@ def invert_model(name: str, model: kinds.Model, suite: job.Suite, samplers: Sequ
             nfe.append(int(n_in) + int(n_out))
             if (have := sum(map(len, outs))) < shown:
                 outs.append(sharding.head(out, min(valid, shown - have)))
+            done.update(valid)
         cell = {'nfe': job.mean_nfe(nfe), 'invert_nfe': job.mean_nfe(nfe_in)}
         rmse = per_example[sampler.key] = np.concatenate(scores['rmse'])
         cell['rmse_std'] = report.finite_or_none(float(np.std(rmse))) if np.isfinite(rmse).all() else None

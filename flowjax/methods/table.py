@@ -11,8 +11,8 @@ import copy
 import ml_collections
 
 from flowjax import evaluate, generate
-from flowjax.methods import (caf, ddpm, distill, edit, invert, method, perflow, reflow, rf, slimflow_distill,
-                             slimflow_reflow, transfer)
+from flowjax.methods import (caf, ddpm, distill, edit, invert, method, perflow, reflow, rf, sample,
+                             slimflow_distill, slimflow_reflow, transfer)
 
 METHODS: dict[str, method.Method] = {m.name: m for m in (
     rf.METHOD,
@@ -28,6 +28,7 @@ METHODS: dict[str, method.Method] = {m.name: m for m in (
     evaluate.METHOD,
     invert.METHOD,
     edit.METHOD,
+    sample.METHOD,
 )}
 PIPELINE = 'pipeline'  # a list of stages (flowjax/pipeline.py), dispatched by main
 
