@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -334,11 +333,8 @@ def generate_couplings(config: ml_collections.ConfigDict, workdir: str | epath.P
     if pi == 0:
         _finish(out, stored, total, nfe_sums)
     sharding.barrier('flowjax-generate-finish')
-    if preemption.anywhere(watch.signum is not None):  # every process stops, also one that finished its shards
-        signum = watch.signum or signal.SIGTERM
-        raise errors.Preempted(f'{preemption.describe(signum)} in the coupling pass; '
-                               f'{len(couplings.present_shards(out, total))} of {total} shards saved in {out}; '
-                               'rerun the same command to resume', signum)
+    preemption.stop_if_asked(watch, 'the coupling pass',
+                             f'{len(couplings.present_shards(out, total))} of {total} shards saved in {out}')
     if pi == 0 and config.data.kind == 'image' and todo:
         _save_pair_grid(out, couplings.read_manifest(out))
     return {**_summary(couplings.read_manifest(out), total, len(todo), started), 'timing': timing}

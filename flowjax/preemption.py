@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flowjax import errors
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -84,3 +86,12 @@ def anywhere(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def stop_if_asked(watch: Watch, where: str, saved: str) -> None:
+    """Raises errors.Preempted in every process when a stop was asked for in any of them (a collective:
+    every process calls it, also one that finished its own part): `where` names the pass, `saved` what
+    is on disk for a rerun to resume from."""
+    if anywhere(watch.signum is not None):
+        signum = watch.signum or signal.SIGTERM
+        raise errors.Preempted(f'{describe(signum)} in {where}; {saved}; rerun the same command to resume', signum)

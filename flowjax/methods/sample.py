@@ -28,7 +28,6 @@ once every chunk exists.
 import dataclasses
 import io
 import json
-import signal
 import time
 import uuid
 import zipfile
@@ -441,11 +440,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.Path, *, devi
     with preemption.Watch() as watch:
         written = _write_chunks(job, options, mesh, parts, todo, done, watch)
     sharding.barrier('flowjax-sample-chunks')
-    if preemption.anywhere(watch.signum is not None):  # every process stops, also one that finished its chunks
-        signum = watch.signum or signal.SIGTERM
-        raise errors.Preempted(f'{preemption.describe(signum)} in the sample job; '
-                               f'{len(present_chunks(parts, total))} of {total} chunks saved in {parts}; '
-                               'rerun the same command to resume', signum)
+    preemption.stop_if_asked(watch, 'the sample job',
+                             f'{len(present_chunks(parts, total))} of {total} chunks saved in {parts}')
     if pi == 0:
         if len(present_chunks(parts, total)) == total:
             _assemble(workdir, parts, stored, total, options, job.name)
