@@ -75,7 +75,7 @@ def initialize() -> None:
     """
     import jax
 
-    if not multiprocess_environment():
+    if not multiprocess_environment() or jax.distributed.is_initialized():  # a second run in one process
         return
     env = os.environ
     if env.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu' and not env.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):

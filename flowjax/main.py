@@ -1,17 +1,16 @@
 """flowjax command line: `python -m flowjax.main --config=experiments/toy2d_rf.py --workdir=runs/x`.
 
-Flags, config, the compilation cache, distributed initialisation, and dispatch to the method `config.method` names.
+Flags and config overrides; the checks, the compilation cache, distributed initialisation and the dispatch to the
+method `config.method` names are flowjax/experiment.py's (what `flowjax.run` calls too).
 """
 
 import os
 import sys
-import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flowjax import compile_cache, distributed, errors, pipeline
-from flowjax.methods import table
+from flowjax import distributed, errors, experiment
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/toy2d_rf.py:runlocal',
                                           lock_config=True)
@@ -55,16 +54,6 @@ def start_distributed() -> None:
         fail(str(e))
 
 
-def check_workdir(workdir: str) -> None:
-    """A local workdir must be a directory this process can create files in (checked before any work)."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix='.flowjax-write-check-'):
-            pass
-    except OSError as e:
-        fail(f'--workdir={workdir}: cannot write there ({e.strerror or e}); expected a writable directory')
-
-
 class _QuietLibraries:
     """Hides the INFO chatter of checkpointing internals, backend probing and JAX's cache (warnings still show)."""
 
@@ -79,32 +68,10 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {' '.join(argv[1:])!r}")
     if _CONFIG.value is None:
         fail('--config is required, e.g. --config=experiments/toy2d_rf.py')
+    config = _CONFIG.value
     try:
-        config = _CONFIG.value
-        method = config.method
-    except Exception as e:  # the config file is missing or raised while loading
-        fail(f'--config: {e}')
-    if not _WORKDIR.value:
-        fail('--workdir is required, e.g. --workdir=runs/my-experiment')
-    if method not in table.METHODS and method != table.PIPELINE:
-        fail(f"config.method: unknown method {method!r} (expected one of {', '.join(table.METHODS)}, pipeline)")
-    if method != table.PIPELINE and config.get('checkpoint'):
-        fail('checkpoint: only a pipeline stage can stand in for an existing export '
-             '(set <stage>.checkpoint in a pipeline)')
-    workdir = _WORKDIR.value
-    if '://' not in workdir:  # local paths absolute (Orbax needs it); bucket paths as given
-        workdir = os.path.abspath(workdir)
-        check_workdir(workdir)
-    try:  # before anything compiles; every process is given the same workdir, so one directory serves them all
-        compile_cache.setup(config, workdir)
-    except errors.UserError as e:
-        fail(str(e))
-    start_distributed()
-    try:
-        if method == table.PIPELINE:
-            pipeline.run(config, workdir)
-        else:
-            table.METHODS[method].run(config, workdir)
+        method, workdir = experiment.prepare(config, _WORKDIR.value)
+        experiment.run(config, workdir, method)
     except errors.UserError as e:
         fail(str(e))
     except errors.Preempted as e:

@@ -11,6 +11,8 @@ by a fresh empty directory.
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -424,3 +426,68 @@ def test_bad_input_is_one_line_and_harmless(made, cli, tmp_path, case, args, fra
         changed = [name for name, digest in old.items() if new.get(name) != digest]
         assert not changed, f'{case}: changed or removed {changed}'
 
+
+
+# Safetensors weights (docs/methods.md, Safetensors layout): `python -m flowjax.interop.safetensors_io`, each row run
+# in-process through its `main(argv)` (the first also as a real command line). `{name}` is a path of `weights`.
+SAFETENSORS_CASES = [
+    ('safetensors: not a safetensors file', ['import', '{meta_json}', '{new}'], ['meta.json', 'not a safetensors file']),
+    ('safetensors: no flowjax meta', ['import', '{bare}', '{new}'], ['bare.safetensors', 'without flowjax meta']),
+    ('safetensors: a shape the meta does not fit', ['import', '{shape}', '{new}'],
+     ["tensor 'params/params.out.kernel' has shape [3, 2]", "(kind 'velocity') expects [32, 2]"]),
+    ('safetensors: a tensor the model lacks', ['import', '{extra}', '{new}'],
+     ["tensor 'params/params.extra' is not a parameter", "kind 'velocity'"]),
+    ('safetensors: a missing file', ['import', '{new}/none.safetensors', '{new}'], ['none.safetensors', 'no such file']),
+    ('safetensors: an import over an export', ['import', '{good}', '{export}'], ['export: exists', 'another directory']),
+    ('safetensors: no export to write', ['export', '{new}', '{new}/out.safetensors'], ['no exported model here']),
+    ('safetensors: an output file that exists', ['export', '{export}', '{good}'], ['good.safetensors: exists']),
+    ('safetensors: an unknown command', ['convert', '{good}'], ["invalid choice: 'convert'", 'usage: python -m']),
+    ('safetensors: a missing argument', ['export', '{export}'], ['required: file', 'usage: python -m']),
+]
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A random toy export, its safetensors file, one without flowjax meta, one with a wrong shape, one with a
+    tensor too many."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from conftest import random_export
+    from flowjax.interop import safetensors_io
+
+    root = tmp_path_factory.mktemp('weights')
+    export = random_export(experiment_config('toy2d_rf', 'runlocal'), root / 'trained')
+    good = safetensors_io.export_to_file(export, root / 'good.safetensors')
+    params, meta = safetensors_io.load(good)
+    flat, header = safetensors_io.flatten(params), {safetensors_io.META_KEY: json.dumps(meta)}
+    save_file(flat, str(root / 'bare.safetensors'))
+    save_file(dict(flat, **{'params/params.out.kernel': np.zeros((3, 2), np.float32)}), str(root / 'shape.safetensors'),
+              metadata=header)
+    save_file(dict(flat, **{'params/params.extra': np.zeros(2, np.float32)}), str(root / 'extra.safetensors'),
+              metadata=header)
+    return {'export': root / 'trained' / 'export', 'meta_json': root / 'trained' / 'export' / 'meta.json',
+            **{name: root / f'{name}.safetensors' for name in ('good', 'bare', 'shape', 'extra')}}
+
+
+@pytest.mark.parametrize('case, args, fragments', SAFETENSORS_CASES, ids=[c[0] for c in SAFETENSORS_CASES])
+def test_safetensors_bad_input_is_one_line_and_harmless(weights, tmp_path, capsys, case, args, fragments):
+    from flowjax.interop import safetensors_io
+
+    argv = [a.format(new=tmp_path / 'new', **weights) for a in args]
+    root = weights['good'].parent
+    before = _snapshot(root), _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        safetensors_io.main(argv)
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith('flowjax: error: '), f'{case}: {stderr}'
+    for fragment in fragments:
+        assert fragment in lines[0], f'{case}: {fragment!r} not in {lines[0]!r}'
+    if case == SAFETENSORS_CASES[0][0]:  # the same line from a real command line
+        run = subprocess.run([sys.executable, '-m', 'flowjax.interop.safetensors_io', *argv], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.strip() == lines[0], run.stderr[-2000:]
+    for old, new in zip(before, (_snapshot(root), _snapshot(tmp_path))):
+        assert old == new, f'{case}: changed {sorted(set(old.items()) ^ set(new.items()))}'
