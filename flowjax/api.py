@@ -28,13 +28,13 @@ from flowjax.data.pixels import to_uint8
 from flowjax.evaluation import job
 from flowjax.flows import solvers
 from flowjax.interop import safetensors_io
+from flowjax.methods import sample as sample_job
 from flowjax.models import kinds
 
 __all__ = ['Model', 'load', 'run', 'config', 'to_uint8']
 
 DEFAULT_SAMPLER = 'euler@8'
 IMAGE_BATCH, POINT_BATCH = 256, 4096  # rows a jit call takes when batch_size is not given
-_NOISE_SALT, _LABEL_SALT = 0x301, 0x1AB  # sample i's start and uniform label: fold_in(fold_in(key(seed), salt), i)
 _T_EPS = 1e-3  # flow.t_eps of an export whose meta records no flow
 
 
@@ -49,8 +49,9 @@ def _draw_fn(shape: tuple[int, ...], classes: int):
     """Jitted `(key, ids) -> (x0, labels)`: row i's N(0, I) start and uniform class from fold_in(key, i)."""
 
     def one(key, i):
-        noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, _NOISE_SALT), i), shape, jnp.float32)
-        label = jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, _LABEL_SALT), i), (), 0, max(classes, 1))
+        noise_key, label_key = (jax.random.fold_in(key, salt) for salt in (sample_job.NOISE_SALT, sample_job.LABEL_SALT))
+        noise = jax.random.normal(jax.random.fold_in(noise_key, i), shape, jnp.float32)
+        label = jax.random.randint(jax.random.fold_in(label_key, i), (), 0, max(classes, 1))
         return noise, label.astype(jnp.int32)
 
     return jax.jit(lambda key, ids: jax.vmap(lambda i: one(key, i))(ids))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import experiment_config, random_export
+import flowjax
 from flowjax import checkpoint, configs, errors, pipeline, train
 from flowjax.methods import caf, ddpm, perflow, sample, table
 
@@ -160,6 +161,13 @@ def test_class_labels_guidance_and_the_runlocal_experiment(tmp_path, caplog):
     with np.load(tmp_path / 'uniform' / 'samples.npz') as z:
         drawn = z['labels']
     assert drawn.min() >= 0 and drawn.max() <= 9 and len(set(drawn.tolist())) > 3
+    # the Python API draws the same starts and labels: flowjax.load(...).sample gives the job's samples
+    model = flowjax.load(path)
+    np.testing.assert_array_equal(model.draw_labels(20, seed=config.sample.seed), drawn)
+    with np.load(tmp_path / 'uniform' / 'samples.npz') as z:
+        job_images = z['images'].astype(np.int32)
+    api_images = flowjax.to_uint8(model.sample(20, 'euler@4', seed=config.sample.seed, guidance=2.0))
+    assert np.abs(api_images.astype(np.int32) - job_images).max() <= 1  # batched vs per-example convolutions
     assert not (tmp_path / 'uniform' / 'samples.png').exists()
     config.sample.labels = 12
     with pytest.raises(errors.UserError, match=r'sample.labels=12: class 12 is not a class .*num_classes=10'):

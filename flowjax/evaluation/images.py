@@ -27,7 +27,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flowjax import errors, progress, sharding
-from flowjax.data import datasets
+from flowjax.data import datasets, pixels
 from flowjax.evaluation import fidelity, frechet, report
 from flowjax.methods import method
 
@@ -292,16 +292,10 @@ class ImageSuite:
         save_grids(path, panels, results, metric=self.metric, title=title)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] as uint8 pixels: (x + 1) * 127.5 rounded, clipped to 0..255 (as PNG files and FID tools
-    read them)."""
-    return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-
-
 def grid(x: np.ndarray, columns: int | None = None) -> np.ndarray:
     """Images (N, H, W, C) in [-1, 1] (or uint8 pixels) tiled into one uint8 (rows * H, columns * W, C) image."""
     x = np.asarray(x)
-    x = x if x.dtype == np.uint8 else to_uint8(x)
+    x = x if x.dtype == np.uint8 else pixels.to_uint8(x)
     n, h, w, c = x.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from flowjax import checkpoint, errors, generate, preemption, progress, sharding
-from flowjax.data import toy2d
+from flowjax.data import pixels, toy2d
 from flowjax.evaluation import images, report
 from flowjax.evaluation import job as evaluation
 from flowjax.flows import solvers
@@ -56,7 +56,8 @@ FILES = ('samples.npz', 'samples.png')
 PARTS = 'parts'
 MANIFEST = 'manifest.json'
 _TMP = '.tmp-'  # a file being written is `<name>.tmp-<hex>` until renamed
-_NOISE_SALT, _LABEL_SALT = 0x5A3E, 0x1AB
+# sample i's start and uniform label: fold_in(fold_in(key(seed), salt), i); flowjax.Model.sample draws alike
+NOISE_SALT, LABEL_SALT = 0x5A3E, 0x1AB
 # What the samples are made from: a rerun asking for other values is refused, never mixed in.
 IDENTITY_FIELDS = ('version', 'checkpoint', 'step', 'kind', 'shape', 'output', 'source', 'sampler', 'rtol', 'atol',
                    't_eps', 'seed', 'count', 'batch_size', 'labels', 'num_classes', 'guidance')
@@ -289,7 +290,7 @@ def _chunk_maker(job: Job, options: Options, mesh):
     draw = generate.start_drawer(job.noise, mesh)
     rows = NamedSharding(mesh, P('data'))
     key = jax.random.key(options.seed)
-    noise_key, label_key = jax.random.fold_in(key, _NOISE_SALT), jax.random.fold_in(key, _LABEL_SALT)
+    noise_key, label_key = jax.random.fold_in(key, NOISE_SALT), jax.random.fold_in(key, LABEL_SALT)
     uniform = generate.label_drawer(job.kind.num_classes, mesh)
     fixed = None if options.labels == UNIFORM else np.asarray(options.labels, np.int32)
     params = jax.device_put(job.params, NamedSharding(mesh, P()))
@@ -316,7 +317,7 @@ def _chunk_arrays(job: Job, k: int, pending, options: Options) -> dict[str, np.n
                                'gave non-finite values, e.g. rk45 hit max_steps); try another sample.sampler')
     lo, hi = chunk_range(k, options.count, options.batch_size)
     output = job.manifest['output']
-    arrays = {output: images.to_uint8(x) if output == 'images' else x.astype(np.float32),
+    arrays = {output: pixels.to_uint8(x) if output == 'images' else x.astype(np.float32),
               'index': np.arange(lo, hi, dtype=np.int64), 'nfe': nfe.astype(np.int32)}
     if job.kind.num_classes:
         arrays['labels'] = label.astype(np.int32)
