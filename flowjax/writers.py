@@ -79,7 +79,7 @@ class MetricsWriter:
             tmp = self._path.parent / (self._path.name + '.tmp')
             tmp.write_text(''.join(line + '\n' for line in kept))
             tmp.replace(self._path)
-        self._tb = tensorboard(workdir)
+        self._workdir = workdir  # TensorBoard opens its event file at the first write (a finished rerun: none)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._active:
@@ -87,6 +87,8 @@ class MetricsWriter:
         record = {'step': int(step), 'time': round(time.time(), 3), **{k: float(v) for k, v in scalars.items()}}
         with self._path.open('a') as f:
             f.write(json.dumps(record) + '\n')
+        if self._tb is None and self._workdir is not None:
+            self._tb, self._workdir = tensorboard(self._workdir), None
         if self._tb is not None:
             self._tb.scalars(step, scalars)
 
