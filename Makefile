@@ -1,17 +1,19 @@
-# `make demo` and `make test` each create .venv (Python >= 3.12) on first use.
+# `make demo` and `make test` each create .venv (Python >= 3.12) on first use, with the exact
+# versions of requirements/lock.txt; `make lock` refreshes that file against the newest releases.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 WORKDIR ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv lock clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	@test -x $(PY) || "$$(sh scripts/find-python)" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+# The newest releases in a fresh temporary venv, the whole suite, and the lock rewritten only if
+# it passed (then `make test` reinstalls .venv from it).
+lock:
+	sh scripts/lock
 
 clean:
 	rm -rf $(VENV) runs

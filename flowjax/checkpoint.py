@@ -74,13 +74,13 @@ class Checkpoints:
         self._identity = _jsonable(config) if identity is None else identity
         self._defaults = defaults
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.train.keep_checkpoints,
+            preservation_policy=ocp.checkpoint_managers.LatestN(config.train.keep_checkpoints),
             save_interval_steps=config.train.checkpoint_every,
             create=True,
             cleanup_tmp_directories=True,  # a save that a kill cut short (never read: not finalized)
         )
-        self._manager = ocp.CheckpointManager(
-            epath.Path(workdir) / 'checkpoints', options=options, item_names=('state', 'config'))
+        # The items ('state', 'config') and their handlers follow from the args of each save and restore.
+        self._manager = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options)
 
     @property
     def directory(self) -> epath.Path:

@@ -1,8 +1,9 @@
 """Tests for the toy 2D metrics, straightness, the evaluation job and the workdir report
 (flowjax.evaluation), and for the `evaluate` method (flowjax.evaluate)."""
 
+import itertools
 import json
-import warnings
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +13,7 @@ from PIL import Image
 
 from flowjax import configs, errors, evaluate
 from flowjax.evaluation import job, report, straightness, toy
+import test_writers
 from test_generate import _export_teacher
 
 SAMPLERS = ('euler@1', 'euler@2', 'heun@2', 'rk45')
@@ -46,11 +48,22 @@ def test_w2_gaussians():
     assert toy.w2(_normal(4), _normal(5, mean=(3.0, 0.0))) == pytest.approx(3.0, abs=0.2)
 
 
-def test_w2_raises_when_not_converged(monkeypatch):
-    monkeypatch.setattr(toy, '_EMD_MAX_ITERS', 10)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match='did not converge'):
-        warnings.simplefilter('ignore')
-        toy.w2(_normal(17, n=200), _normal(18, n=200))
+def test_w2_is_the_best_permutation():
+    """Against every permutation of 6 points: the assignment is the optimum, W2^2 its mean cost."""
+    x, y = _normal(19, n=6), _normal(20, n=6, mean=(0.5, 0.0))
+    cost = ((x[:, None] - y[None]) ** 2).sum(-1)
+    best = min(cost[np.arange(6), list(p)].mean() for p in itertools.permutations(range(6)))
+    assert toy.w2(x, y) == pytest.approx(math.sqrt(best), rel=1e-12)
+
+
+def test_w2_refuses_unequal_sizes():
+    with pytest.raises(ValueError, match='equal size'):
+        toy.w2(_normal(21, n=10), _normal(22, n=11))
+
+
+def test_point_cloud_suite_refuses_unequal_sizes():
+    with pytest.raises(errors.UserError, match='source, data and data_b have 10, 10 and 9 points'):
+        toy.PointCloudSuite(_normal(23, n=10), _normal(24, n=10), _normal(25, n=9))
 
 
 def test_w2_returns_python_float():
@@ -147,6 +160,9 @@ def test_evaluate_models_end_to_end(tmp_path):
     assert png.stat().st_size > 0
     with Image.open(png) as img:
         assert img.format == 'PNG' and img.size[0] > 100
+        size = img.size
+    shown = [v.image for e in test_writers.read_events(tmp_path / 'tensorboard') for v in e.summary.value]
+    assert [(i.width, i.height) for i in shown] == [size]  # the figure, as an image in TensorBoard
 
     # A second call with another model merges into the existing report.
     models2 = {'other': (_shift_apply, {'shift': jnp.zeros(2)})}

@@ -133,11 +133,12 @@ class TfdsImages:
         self._label_key = label_key if label_key in features else None
         # Where tfds reads array_record files, read their records (bytes) in one batched call and
         # parse them here; other data sources (and tfds' mock data) give decoded examples.
+        # (tfds keeps the array_record reader as `data_source`, an attribute it does not document:
+        # setup.cfg bounds tensorflow-datasets; without it, reads are decoded by tfds, only slower.)
         from array_record.python import array_record_data_source
-        from tensorflow_datasets.core.data_sources import array_record
 
-        raw = records.data_source if isinstance(records, array_record.ArrayRecordDataSource) else None
-        self._raw = raw if raw is not None else records
+        raw = getattr(records, 'data_source', None)
+        self._raw = raw if isinstance(raw, array_record_data_source.ArrayRecordDataSource) else records
         self._batched = isinstance(self._raw, array_record_data_source.ArrayRecordDataSource)
         self._proto = _example_proto() if isinstance(image, tfds.features.Image) else None
         label = features[self._label_key] if self._label_key else None
@@ -263,7 +264,7 @@ def load_tfds(dataset: str, split: str = 'train', data_dir: str | None = None, i
                 prepared = builder.is_prepared()
         except Exception as e2:
             raise errors.UserError(f'tfds dataset {dataset!r}: {_first_line(e2)}') from None
-        root = builder._data_dir_root  # pylint: disable=protected-access
+        root = builder.data_dir_root
         command = f'tfds build {dataset} --file_format=array_record --data_dir={root}'
         if 'imagenet' in dataset:  # Its archives need a login: downloaded by hand.
             command += ' --manual_dir=<folder of the downloaded archives>'

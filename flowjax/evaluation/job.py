@@ -5,7 +5,8 @@ Every model is sampled with every sampler of `eval.samplers` from the data kind'
 `eval.reconstruction` / `eval.preservation` the same sampler also regenerates held-out data and
 samples a coupling store's first pairs (`fidelity`), scored by the suite against their targets. The
 job adds the straightness of its Euler paths, its parameter count and the suite's floor, merges the
-entries into the workdir's report and writes report.json, report.md and the suite's samples.png.
+entries into the workdir's report and writes report.json, report.md and the suite's samples.png (also an
+image in the workdir's TensorBoard events).
 
 With several processes the image work is split, not repeated: every batch is a global array sharded
 over all devices, each process samples the rows its devices hold and embeds or scores only those, and
@@ -25,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flowjax import errors, progress, sharding
+from flowjax import errors, progress, sharding, writers
 from flowjax.data import datasets
 from flowjax.evaluation import fidelity, images, report, straightness, toy
 from flowjax.flows import solvers
@@ -291,6 +292,7 @@ def score_models(models: Mapping[str, Model], suite: Suite, samplers: Sequence[s
         report.write_report(workdir, merged)
         if panels:
             suite.figure(workdir / 'samples.png', results, panels, title)
+            writers.log_png(workdir, 0, 'samples', (workdir / 'samples.png').read_bytes())  # for TensorBoard too
     sharding.barrier('flowjax-evaluate-report')  # the other processes find the files written
     return merged
 
