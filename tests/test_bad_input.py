@@ -513,7 +513,7 @@ TORCH_NCSNPP_CASES = [
     ('torch: EMA tensors too few', ['--checkpoint', '{ema_short}', '--out', '{new}', *_SIZE],
      ['ema.shadow_params holds 153 tensors', "'model' has 154 parameters"]),
     ('torch: no EMA', ['--checkpoint', '{no_ema}', '--out', '{new}', *_SIZE], ['no EMA weights', '--weights model']),
-    ('torch: Fourier time features', ['--checkpoint', '{fourier}', '--out', '{new}', '--weights', 'model', *_SIZE],
+    ('torch: Fourier time features', ['--checkpoint', '{fourier}', '--out', '{new}', *_SIZE],
      ["model.embedding_type='fourier'", 'log(999 t)']),
     ('torch: FIR resampling', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config', 'model.fir=True'],
      ['model.fir=True: not supported', 'FIR']),

@@ -462,8 +462,8 @@ def convert(path: str, which: str = 'ema', overrides: dict[str, Any] | None = No
     and the reference config fields `overrides` ({'data.image_size': 32, ...})."""
     overrides = dict(overrides or {})
     ckpt = read_checkpoint(path)
+    layout = infer_layout(weights(ckpt, 'model'))  # a variant flowjax does not build is refused first
     params = weights(ckpt, which)
-    layout = infer_layout(params)
     model, shape = model_config(layout, overrides)
     kind = kinds.VelocityField.from_model_config(model)
     try:
