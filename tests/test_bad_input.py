@@ -491,3 +491,108 @@ def test_safetensors_bad_input_is_one_line_and_harmless(weights, tmp_path, capsy
         assert run.returncode == 2 and run.stderr.strip() == lines[0], run.stderr[-2000:]
     for old, new in zip(before, (_snapshot(root), _snapshot(tmp_path))):
         assert old == new, f'{case}: changed {sorted(set(old.items()) ^ set(new.items()))}'
+
+
+# PyTorch NCSN++ teachers (docs/methods.md, Importing PyTorch teachers): `python -m flowjax.interop.torch_ncsnpp`,
+# each row run in-process through its `main(argv)` (the first also as a real command line). `{name}` is a path
+# of `torch_checkpoints`: the 8x8 reference fixture and variants of it written without torch.
+_SIZE = ['--config', 'data.image_size=8']
+TORCH_NCSNPP_CASES = [
+    ('torch: not a checkpoint file', ['--checkpoint', '{text}', '--out', '{new}', *_SIZE],
+     ['notes.txt is not a readable PyTorch checkpoint']),
+    ('torch: a pickle naming code', ['--checkpoint', '{code}', '--out', '{new}', *_SIZE],
+     ['unsupported object posix.system']),
+    ('torch: a state dict, not a checkpoint', ['--checkpoint', '{bare}', '--out', '{new}', *_SIZE],
+     ['is not a score_sde_pytorch checkpoint', 'model, ema, optimizer and step']),
+    ('torch: a missing key', ['--checkpoint', '{missing}', '--out', '{new}', '--weights', 'model', *_SIZE],
+     ['missing key all_modules.3.Conv_1.weight']),
+    ('torch: a wrong shape', ['--checkpoint', '{shape}', '--out', '{new}', '--weights', 'model', *_SIZE],
+     ['all_modules.3.Dense_0.weight has shape [16, 63], expected [16, 64]']),
+    ('torch: an EMA tensor of a wrong shape', ['--checkpoint', '{ema_shape}', '--out', '{new}', *_SIZE],
+     ["ema.shadow_params[5] (parameter 'all_modules.2.bias') has shape [3], expected [16]"]),
+    ('torch: EMA tensors too few', ['--checkpoint', '{ema_short}', '--out', '{new}', *_SIZE],
+     ['ema.shadow_params holds 153 tensors', "'model' has 154 parameters"]),
+    ('torch: no EMA', ['--checkpoint', '{no_ema}', '--out', '{new}', *_SIZE], ['no EMA weights', '--weights model']),
+    ('torch: Fourier time features', ['--checkpoint', '{fourier}', '--out', '{new}', *_SIZE],
+     ["model.embedding_type='fourier'", 'log(999 t)']),
+    ('torch: FIR resampling', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config', 'model.fir=True'],
+     ['model.fir=True: not supported', 'FIR']),
+    ('torch: no image size', ['--checkpoint', '{good}', '--out', '{new}'], ['give data.image_size=N']),
+    ('torch: an image size the net cannot halve', ['--checkpoint', '{good}', '--out', '{new}', '--config',
+                                                   'data.image_size=7'], ['data.image_size=7', 'multiple of 2']),
+    ('torch: a field the shapes contradict', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config',
+                                              'model.nf=32'], ["model.nf=32: the checkpoint's network has 16"]),
+    ('torch: attention elsewhere', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config',
+                                    'model.attn_resolutions=(8,)'], ['model.attn_resolutions=(8,)', 'attention at (4,)']),
+    ('torch: an unknown field', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config', 'model.nff=3'],
+     ["--config 'model.nff=3': expected key=value", 'data.image_size']),
+    ('torch: a field of the wrong type', ['--checkpoint', '{good}', '--out', '{new}', *_SIZE, '--config',
+                                          'model.dropout=abc'], ['model.dropout=abc: expected float']),
+    ('torch: a missing file', ['--checkpoint', '{new}/none.pth', '--out', '{new}', *_SIZE], ['none.pth', 'no such file']),
+    ('torch: an export there', ['--checkpoint', '{good}', '--out', '{export}', *_SIZE],
+     ['export exists', 'another directory']),
+    ('torch: unknown weights', ['--checkpoint', '{good}', '--out', '{new}', '--weights', 'swa', *_SIZE],
+     ["invalid choice: 'swa'", 'usage: python -m flowjax.interop.torch_ncsnpp']),
+]
+
+
+@pytest.fixture(scope='module')
+def torch_checkpoints(tmp_path_factory):
+    """The 8x8 reference checkpoint, variants of it (written without torch) and an export to write over."""
+    import collections
+
+    import torch_files
+    from flowjax.interop import torch_ncsnpp, torch_pickle
+
+    root = tmp_path_factory.mktemp('torch')
+    good = ROOT / 'tests' / 'fixtures' / 'ncsnpp_rf_8x8.pth'
+    ckpt = torch_pickle.load(str(good), 'fixture')
+    model = ckpt['model']
+
+    def variant(name, **changes):
+        torch_files.save({**ckpt, **changes}, root / f'{name}.pth')
+
+    variant('missing', model=collections.OrderedDict((k, v) for k, v in model.items()
+                                                     if k != 'module.all_modules.3.Conv_1.weight'))
+    variant('shape', model=collections.OrderedDict(
+        (k, np.zeros((16, 63), np.float32) if k == 'module.all_modules.3.Dense_0.weight' else v) for k, v in model.items()))
+    shadow = list(ckpt['ema']['shadow_params'])
+    variant('ema_shape', ema={**ckpt['ema'], 'shadow_params': shadow[:5] + [np.zeros(3, np.float32)] + shadow[6:]})
+    variant('ema_short', ema={**ckpt['ema'], 'shadow_params': shadow[:-1]})
+    variant('no_ema', ema={})
+    shifted = collections.OrderedDict([('module.all_modules.0.W', np.ones(16, np.float32))])
+    for key, value in model.items():
+        head, _, rest = key.partition('all_modules.')
+        index, _, name = rest.partition('.')
+        shifted[f'{head}all_modules.{int(index) + 1}.{name}' if rest else key] = value
+    variant('fourier', model=shifted)
+    torch_files.save(dict(model), root / 'bare.pth')
+    torch_files.save({'model': torch_files.Global('posix', 'system')}, root / 'code.pth')
+    (root / 'notes.txt').write_text('not a checkpoint\n')
+    torch_ncsnpp.write(str(good), str(root / 'converted'), 'ema', {'data.image_size': 8})
+    names = ('missing', 'shape', 'ema_shape', 'ema_short', 'no_ema', 'fourier', 'bare', 'code')
+    return {'good': good, 'text': root / 'notes.txt', 'export': root / 'converted',
+            **{name: root / f'{name}.pth' for name in names}}
+
+
+@pytest.mark.parametrize('case, args, fragments', TORCH_NCSNPP_CASES, ids=[c[0] for c in TORCH_NCSNPP_CASES])
+def test_torch_ncsnpp_bad_input_is_one_line_and_harmless(torch_checkpoints, tmp_path, capsys, case, args, fragments):
+    from flowjax.interop import torch_ncsnpp
+
+    argv = [a.format(new=tmp_path / 'new', **torch_checkpoints) for a in args]
+    root = torch_checkpoints['export'].parent
+    before = _snapshot(root), _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        torch_ncsnpp.main(argv)
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith('flowjax: error: '), f'{case}: {stderr}'
+    for fragment in fragments:
+        assert fragment in lines[0], f'{case}: {fragment!r} not in {lines[0]!r}'
+    if case == TORCH_NCSNPP_CASES[0][0]:  # the same line from a real command line
+        run = subprocess.run([sys.executable, '-m', 'flowjax.interop.torch_ncsnpp', *argv], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.strip() == lines[0], run.stderr[-2000:]
+    assert not (tmp_path / 'new').exists(), f'{case}: wrote {tmp_path / "new"}'
+    for old, new in zip(before, (_snapshot(root), _snapshot(tmp_path))):
+        assert old == new, f'{case}: changed {sorted(set(old.items()) ^ set(new.items()))}'

@@ -110,8 +110,11 @@ TRAINING_ONLY_FIELDS = ('dropout',)
 
 
 def architecture(model: dict) -> dict:
-    """A network config (an export's meta 'model') without its TRAINING_ONLY_FIELDS."""
-    return {k: v for k, v in model.items() if k not in TRAINING_ONLY_FIELDS}
+    """A network config (an export's meta 'model') without its TRAINING_ONLY_FIELDS, as JSON values, a field it
+    leaves out at the network's default: two configs of one network compare equal however many fields they list
+    (an imported teacher's meta lists fewer than a recipe may)."""
+    full = json.loads(json.dumps({**models.defaults(model.get('name')), **model}, default=str))
+    return {k: v for k, v in full.items() if k not in TRAINING_ONLY_FIELDS}
 
 
 def check_network(path: str, field: str, meta: dict, config: ml_collections.ConfigDict) -> None:

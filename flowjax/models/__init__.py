@@ -1,5 +1,6 @@
 """Velocity networks, chosen by `config.model.name` through an explicit table."""
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -31,6 +32,15 @@ def build(config: ml_collections.ConfigDict) -> nn.Module:
     except ValueError as e:
         raise errors.ConfigError(f'model.{e}' if str(e).startswith('label_dropout') else f'model: {e}') from None
     return module
+
+
+def defaults(name: str | None) -> dict:
+    """The default of each field of the network `name` (the fields a config may leave out); {} for an unknown one."""
+    module = MODELS.get(name)
+    if module is None:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(module)
+            if f.name not in ('parent', 'name') and f.default is not dataclasses.MISSING}
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
