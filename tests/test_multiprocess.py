@@ -157,7 +157,8 @@ def test_two_processes_split_the_evaluation(tmp_path):
     # the reference images (1797, then their mirror images), the floor's 64 real images, the 64 samples
     assert samples == [[(901, 1797), (901, 1797), (32, 64), (32, 64)], [(896, 1797), (896, 1797), (32, 64), (32, 64)]]
     written = sorted(p.name for p in two.iterdir() if not p.name.startswith('fd_digits_stats_'))
-    assert written == ['logs', 'report.json', 'report.md', 'samples.png']
+    assert written == ['logs', 'report.json', 'report.md', 'samples.png', 'tensorboard']  # samples.png as an image
+    assert len(list((two / 'tensorboard').iterdir())) == 1  # one event file: process 0's
 
 
 def test_local_launch_failures(tmp_path):
