@@ -13,11 +13,9 @@ name and shape against the network that meta describes, so the model it gives sa
 for bit (the same params).
 """
 
-import argparse
 import json
 import os
 import pathlib
-import sys
 import uuid
 from typing import Any
 
@@ -26,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from flowjax import checkpoint, errors
+from flowjax import checkpoint, errors, interop
 from flowjax.models import kinds
 
 PREFIX = 'params/'  # every tensor's name starts with it; then the params tree's path joined by SEPARATOR
@@ -194,15 +192,8 @@ def file_to_export(source: str | os.PathLike, target: str | os.PathLike) -> epat
     return checkpoint.export(workdir, params, meta)
 
 
-def _fail(message: str) -> None:
-    print(f"flowjax: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as every flowjax error
-        _fail(f'{message} (usage: python -m flowjax.interop.safetensors_io export EXPORT OUT.safetensors | '
-              'import IN.safetensors WORKDIR)')
+_Parser = interop.parser_class('python -m flowjax.interop.safetensors_io export EXPORT OUT.safetensors | '
+                                 'import IN.safetensors WORKDIR')
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             written = file_to_export(args.file, args.workdir)
     except errors.UserError as e:
-        _fail(str(e))
+        interop.fail(str(e))
     print(f'flowjax: wrote {written}')
 
 

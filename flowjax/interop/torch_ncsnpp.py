@@ -22,20 +22,18 @@ scaling. So the export's velocity v(x, t) is the reference's network at (x, 999 
 Importing PyTorch teachers), with NHWC images for the reference's NCHW.
 """
 
-import argparse
 import ast
 import dataclasses
 import hashlib
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
-from flowjax import checkpoint, errors
+from flowjax import checkpoint, errors, interop
 from flowjax.flows import objective
 from flowjax.interop import torch_pickle
 from flowjax import models
@@ -507,15 +505,8 @@ def write(path: str, out: str, which: str = 'ema', overrides: dict[str, Any] | N
     return checkpoint.export(workdir, variables, meta)
 
 
-def _fail(message: str) -> None:
-    print(f"flowjax: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, as every flowjax error
-        _fail(f'{message} (usage: python -m flowjax.interop.torch_ncsnpp --checkpoint X.pth --out DIR '
-              '--config data.image_size=N [--weights ema|model] [--config key=value ...])')
+_Parser = interop.parser_class('python -m flowjax.interop.torch_ncsnpp --checkpoint X.pth --out DIR '
+                                 '--config data.image_size=N [--weights ema|model] [--config key=value ...]')
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -530,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written = write(args.checkpoint, args.out, args.weights, parse_overrides(args.config))
     except errors.UserError as e:
-        _fail(str(e))
+        interop.fail(str(e))
     print(f'flowjax: wrote {written}')
 
 
