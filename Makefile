@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 WORKDIR ?= runs/demo
+TEST_WORKERS ?= 2  # pytest-xdist processes (one test file each at a time); XLA compiles on one core
 
 .PHONY: demo test venv lock clean
 
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	@echo; echo "report: $(WORKDIR)/report.md (and report.json), plot: $(WORKDIR)/samples.png"
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The newest releases in a fresh temporary venv, the whole suite, and the lock rewritten only if
 # it passed (then `make test` reinstalls .venv from it).

@@ -17,9 +17,8 @@ dx/dt = v0 + t a, one more NFE for v0. It also reports, per sampler, the couplin
 (PSNR of the samples from the first 1000 stored x0 against their x1) and the reconstruction (PSNR
 of 1000 real digits inverted and regenerated).
 Arguments: `runlocal`, `h=` (CAF's h, 1.5), `ivc=` (True), `seed=` (the students', 0), `steps=`
-(student steps; the recipe's by default). `runlocal` is digits_reflow's with a one-resolution U-Net
-without attention (nf 8; its teacher is not digits_reflow:runlocal's): CAF's two networks are the
-slowest to compile, and this one compiles fastest.
+(student steps; the recipe's by default). `runlocal` is digits_reflow's (a one-resolution U-Net
+without attention, nf 8: the U-Net XLA's CPU compiler builds fastest).
 """
 
 from flowjax import configs
@@ -29,9 +28,6 @@ def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, h=1.5, ivc=True, seed=0, steps=0)
     recipe = configs.experiment(__file__, 'digits_reflow', 'runlocal' if arg.runlocal else None)
     stages = {'teacher': recipe.teacher, 'couplings': recipe.couplings, 'reflow': recipe.reflow}
-    if arg.runlocal:  # one resolution, no attention: the U-Net XLA's CPU compiler builds fastest
-        for stage in stages.values():
-            stage.model.update(ch_mult=(1,), attn_resolutions=())
     stages['reflow'].seed = arg.seed
     if arg.steps:
         stages['reflow'].train.steps = arg.steps

@@ -81,9 +81,6 @@ def get_config(arg=None):
         raise ValueError(f'config argument teacher={arg.teacher!r}: expected rf or ddpm')
     param = arg.param or ('velocity' if arg.teacher == 'rf' else 'diff_eps')
     recipe = configs.experiment(__file__, 'digits_reflow', 'runlocal' if arg.runlocal else None)
-    if arg.runlocal:  # one resolution, no attention: the U-Net XLA's CPU compiler builds fastest
-        for stage in (recipe.teacher, recipe.reflow, recipe.evaluate):
-            stage.model.update(ch_mult=(1,), attn_resolutions=())
     teacher = _teacher(recipe, arg.teacher)
     seeds = range(arg.seeds)
 

@@ -3,10 +3,10 @@
 Pair i depends only on (seed, i): its start point is drawn from `fold_in(key, i)` (forward image
 pairs: read on the host from dataset row `perm_e[i mod N]`, see `data_rows`) and its ODE is
 solved on its own (vmap over single examples, so rk45's steps and NFE are per pair), so the store
-is the same on any number of devices or processes: bit for bit on CPU with an MLP teacher; with a
-convolutional one on CPU, and on GPU, only while the rows per device (batch_size / local devices,
-at most a shard) stay the same, since those kernels, and with them the last bits (which can flip
-rk45 step decisions), depend on that shape (docs/methods.md, Couplings). Process p writes the
+is the same on any number of devices or processes, bit for bit while the rows per device
+(batch_size / local devices, at most a shard) stay the same: XLA picks kernels by that shape (CPU
+convolutions, GPU kernels, on some CPUs an MLP's matmuls), and with them the last bits (which can
+flip rk45 step decisions) (docs/methods.md, Couplings). Process p writes the
 shards k with k % process_count == p over its local devices, with no cross-process collectives;
 shards already on disk are skipped, so a preempted pass resumes where it stopped. On SIGTERM (or
 the first Ctrl-C) each process stops after the shard it is writing and the pass raises

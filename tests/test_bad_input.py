@@ -471,26 +471,31 @@ def weights(tmp_path_factory):
             **{name: root / f'{name}.safetensors' for name in ('good', 'bare', 'shape', 'extra')}}
 
 
-@pytest.mark.parametrize('case, args, fragments', SAFETENSORS_CASES, ids=[c[0] for c in SAFETENSORS_CASES])
-def test_safetensors_bad_input_is_one_line_and_harmless(weights, tmp_path, capsys, case, args, fragments):
-    from flowjax.interop import safetensors_io
-
-    argv = [a.format(new=tmp_path / 'new', **weights) for a in args]
-    root = weights['good'].parent
-    before = _snapshot(root), _snapshot(tmp_path)
+def _command_line_case(module, argv, roots, capsys, case, fragments, *, real: bool) -> None:
+    """`module.main(argv)` exits 2 with one line `flowjax: error: ...` holding every fragment, and changes no file
+    under `roots`; with `real`, the same line comes from `python -m <module>`."""
+    before = [_snapshot(root) for root in roots]
     with pytest.raises(SystemExit) as exit_:
-        safetensors_io.main(argv)
+        module.main(argv)
     stderr = capsys.readouterr().err
     lines = stderr.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith('flowjax: error: '), f'{case}: {stderr}'
     for fragment in fragments:
         assert fragment in lines[0], f'{case}: {fragment!r} not in {lines[0]!r}'
-    if case == SAFETENSORS_CASES[0][0]:  # the same line from a real command line
-        run = subprocess.run([sys.executable, '-m', 'flowjax.interop.safetensors_io', *argv], cwd=ROOT,
-                             capture_output=True, text=True)
+    if real:  # the same line from a real command line
+        run = subprocess.run([sys.executable, '-m', module.__name__, *argv], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.strip() == lines[0], run.stderr[-2000:]
-    for old, new in zip(before, (_snapshot(root), _snapshot(tmp_path))):
+    for old, new in zip(before, (_snapshot(root) for root in roots)):
         assert old == new, f'{case}: changed {sorted(set(old.items()) ^ set(new.items()))}'
+
+
+@pytest.mark.parametrize('case, args, fragments', SAFETENSORS_CASES, ids=[c[0] for c in SAFETENSORS_CASES])
+def test_safetensors_bad_input_is_one_line_and_harmless(weights, tmp_path, capsys, case, args, fragments):
+    from flowjax.interop import safetensors_io
+
+    argv = [a.format(new=tmp_path / 'new', **weights) for a in args]
+    _command_line_case(safetensors_io, argv, (weights['good'].parent, tmp_path), capsys, case, fragments,
+                       real=case == SAFETENSORS_CASES[0][0])
 
 
 # PyTorch NCSN++ teachers (docs/methods.md, Importing PyTorch teachers): `python -m flowjax.interop.torch_ncsnpp`,
@@ -580,19 +585,6 @@ def test_torch_ncsnpp_bad_input_is_one_line_and_harmless(torch_checkpoints, tmp_
     from flowjax.interop import torch_ncsnpp
 
     argv = [a.format(new=tmp_path / 'new', **torch_checkpoints) for a in args]
-    root = torch_checkpoints['export'].parent
-    before = _snapshot(root), _snapshot(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        torch_ncsnpp.main(argv)
-    stderr = capsys.readouterr().err
-    lines = stderr.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith('flowjax: error: '), f'{case}: {stderr}'
-    for fragment in fragments:
-        assert fragment in lines[0], f'{case}: {fragment!r} not in {lines[0]!r}'
-    if case == TORCH_NCSNPP_CASES[0][0]:  # the same line from a real command line
-        run = subprocess.run([sys.executable, '-m', 'flowjax.interop.torch_ncsnpp', *argv], cwd=ROOT,
-                             capture_output=True, text=True)
-        assert run.returncode == 2 and run.stderr.strip() == lines[0], run.stderr[-2000:]
+    _command_line_case(torch_ncsnpp, argv, (torch_checkpoints['export'].parent, tmp_path), capsys, case, fragments,
+                       real=case == TORCH_NCSNPP_CASES[0][0])
     assert not (tmp_path / 'new').exists(), f'{case}: wrote {tmp_path / "new"}'
-    for old, new in zip(before, (_snapshot(root), _snapshot(tmp_path))):
-        assert old == new, f'{case}: changed {sorted(set(old.items()) ^ set(new.items()))}'

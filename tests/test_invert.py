@@ -145,7 +145,9 @@ def test_invert_digit_images_with_labels(digit_exports, tmp_path):
     np.testing.assert_allclose(per, 127.5 * np.sqrt(fidelity.mse(np.asarray(x), x1)))
     cell = out['cond']['euler@2']
     np.testing.assert_allclose(cell['rmse'], per.mean(), rtol=1e-4)
-    np.testing.assert_allclose(cell['rmse_std'], per.std(), rtol=1e-3)
+    # the errors are float rounding (about 1e-4 in uint8 units): their spread over 8 devices and on one agrees
+    # to about 0.2% (on some CPUs), not to the mean's 1e-4
+    np.testing.assert_allclose(cell['rmse_std'], per.std(), rtol=1e-2)
     np.testing.assert_allclose(cell['mse'], fidelity.mse(np.asarray(x), x1).mean(), rtol=1e-4)
     # guidance: the class-conditional model's calls double, the others are unguided; a class-conditional model
     # without a null label is refused

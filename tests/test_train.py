@@ -173,8 +173,8 @@ def test_speed_options_may_change_on_resume(config, tmp_path):
 def test_remat_keeps_loss_and_gradients(load_experiment, remat):
     """Recomputing activations in the backward pass changes memory and time, not the step."""
     config = load_experiment('digits_reflow', 'runlocal')
-    # One resolution (8x8) with attention: convolutions, GroupNorm, attention, all that remat touches,
-    # at half the layers of the runlocal U-Net (XLA's CPU compiler is slow on remat'd conv backwards).
+    # The runlocal U-Net (one resolution, 8x8) with attention added: convolutions, GroupNorm, attention, all
+    # that remat touches, and no second resolution (XLA's CPU compiler is slow on remat'd conv backwards).
     module = models.build(ml_collections.ConfigDict({**config.teacher.model.to_dict(), 'ch_mult': (1,),
                                                      'attn_resolutions': (8,)}))
     ctx = Context(apply=models.apply_fn(module), source=lambda key, shape: jax.random.normal(key, shape),

@@ -7,8 +7,7 @@ sample i gets labels[i mod len]) and classifier-free guidance `sample.guidance` 
 depends only on (sample.seed, i): its noise (N(0, I); toy points: `data.source`) and its uniform label are drawn
 from fold_in(key, i) and its ODE is solved on its own (the coupling pass's per-example solver, so rk45's steps
 are per sample), so the samples are the same for any batch size and on any number of devices or processes (bit
-for bit on CPU with an MLP; with a convolutional network only while the rows per device stay the same, as for
-the coupling pass).
+for bit while the rows per device stay the same, as for the coupling pass; otherwise to the last bits).
 
 Layout of the workdir:
     samples.npz              images uint8 (N, H, W, C), the pixels (x + 1) * 127.5 rounded (NHWC, what FID
