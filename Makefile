@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 WORKDIR ?= runs/demo
-TEST_WORKERS ?= 2  # pytest-xdist processes (one test file each at a time); XLA compiles on one core
+# pytest-xdist processes for `make test`, each running one test file at a time (XLA compiles on one core)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv lock clean
 
