@@ -35,7 +35,7 @@ from flowjax import checkpoint, compile_cache, errors, sharding
 from flowjax.methods import method as method_lib, table
 
 MARKER = 'stage.json'
-REPORT_FILES = ('report.json', 'report.md', 'samples.png')
+REPORT_FILES = ('report.json', 'report.md', 'samples.png', 'quality_nfe.png')  # quality_nfe.png: method compare's
 
 
 def _resolve(value: str, field: str, dirs: dict[str, epath.Path]) -> tuple[str, str | None]:

@@ -42,6 +42,7 @@ INVERT = [*INVERT_TOY, '--config.invert.invert.samplers=("euler@4",)', '--config
 EDIT = '--config=experiments/fireflow_digits.py:runlocal'
 EDIT_ALONE = [EDIT, '--workdir={new}', '--config.stages=("edit_s0",)']  # the edit stage of an export given to it
 SAMPLE = ['--config=experiments/sample.py:runlocal,checkpoint={teacher_a}', '--workdir={new}']
+ALL_TOY = ['--config=experiments/all_methods_toy2d.py:runlocal', '--workdir={new}']  # its compare stage's fields
 
 # (case, arguments, fragments the one error line must contain)
 CASES = [
@@ -327,6 +328,28 @@ CASES = [
     ('sample grid negative', [*SAMPLE, '--config.sample.grid=-1'], ['sample.grid=-1', 'integer >= 0']),
     ('sample workdir of another job', [*SAMPLE, '--workdir={samples}', '--config.sample.seed=1'],
      ['parts: holds samples made with seed=0 but this run asks for seed=1', 'use another workdir']),
+    ('compare report not a stage', [*ALL_TOY, '--config.compare.compare.report=nowhere'],
+     ["compare.compare.report='nowhere'", 'neither an earlier stage nor an existing directory']),
+    ('compare stages not a stage', [*ALL_TOY, '--config.compare.compare.stages=("nowhere",)'],
+     ["compare.compare.stages='nowhere'", 'neither an earlier stage nor an existing directory']),
+    ('compare method of a stage not in compare.stages', [*ALL_TOY, '--config.compare.compare.methods.reflow=("reflow_s9",)'],
+     ["compare.compare.methods.reflow: stage 'reflow_s9'", 'is not in compare.stages']),
+    ('compare method without seeds', [*ALL_TOY, '--config.compare.compare.methods.reflow=()'],
+     ['compare.compare.methods.reflow=()', 'non-empty tuple']),
+    ('compare baseline unknown', [*ALL_TOY, '--config.compare.compare.baseline=rf'],
+     ["compare.compare.baseline='rf'", 'not a method of compare.methods']),
+    ('compare part unknown', [*ALL_TOY, '--config.compare.compare.parts.caf_u=("cafx",)'],
+     ["compare.compare.parts.caf_u: 'cafx' is not a method of compare.methods"]),
+    ('compare part with other seeds', [*ALL_TOY, '--config.compare.compare.methods.caf=("caf_s0",)'],
+     ["compare.compare.parts.caf_u: 'caf_u' and 'caf' have 2 and 1 seeds"]),
+    ('compare nfes 0', [*ALL_TOY, '--config.compare.compare.nfes=(0,)'],
+     ['compare.compare.nfes=(0,)', 'distinct integers >= 1']),
+    ('compare default samplers empty', [*ALL_TOY, '--config.compare.compare.default_samplers=()'],
+     ['compare.compare.default_samplers=()', 'non-empty tuple']),
+    ('compare samplers empty', [*ALL_TOY, '--config.compare.compare.samplers.caf=()'],
+     ['compare.compare.samplers.caf=()', 'non-empty tuple']),
+    ('compare order unknown', [*ALL_TOY, '--config.compare.compare.order=("rf_teacher","x")'],
+     ["compare.compare.order: 'x' is not a method of compare.methods"]),
 ]
 
 

@@ -45,8 +45,9 @@ def test_no_stage_name_is_left_unresolved(name, tmp_path, monkeypatch):
     stages = set(config.stages)
     for stage, cfg in planned.configs.items():
         for field, value in _strings(json.loads(cfg.to_json())):
-            labels = field in ('method', 'name') or field.startswith(('eval.groups.', 'eval.differences.'))
-            if not labels:  # groups and differences name models of the report, not directories
+            labels = field in ('method', 'name') or field.startswith(('eval.groups.', 'eval.differences.',
+                                                                       'compare.methods.'))
+            if not labels:  # groups, differences and compare's methods name models of the report and stages
                 assert value not in stages, f'{name}: {stage}.{field}={value!r} still names a stage'
 
 

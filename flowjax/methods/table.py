@@ -11,7 +11,7 @@ import copy
 import ml_collections
 
 from flowjax import evaluate, generate
-from flowjax.methods import (caf, ddpm, distill, edit, invert, method, perflow, reflow, rf, sample,
+from flowjax.methods import (caf, compare, ddpm, distill, edit, invert, method, perflow, reflow, rf, sample,
                              slimflow_distill, slimflow_reflow, transfer)
 
 METHODS: dict[str, method.Method] = {m.name: m for m in (
@@ -29,6 +29,7 @@ METHODS: dict[str, method.Method] = {m.name: m for m in (
     invert.METHOD,
     edit.METHOD,
     sample.METHOD,
+    compare.METHOD,
 )}
 PIPELINE = 'pipeline'  # a list of stages (flowjax/pipeline.py), dispatched by main
 
