@@ -11,8 +11,8 @@ on top of their first stage (their `steps` column counts both):
 
     reflow         2-RF from the teacher (uniform t, L2): the baseline of the paired differences
     distill        one-step distillation (L2) of that seed's 2-RF student
-    slimflow       SlimFlow: a small student (about 1/9 of the teacher) from random init by annealing
-                   reflow (b linear 1 -> 0 over S/2 steps), then flow-guided distillation (L2)
+    slimflow       SlimFlow: a small student (MLP 2 x 32, 1/24 of the teacher's parameters) from random init
+                   by annealing reflow (b linear 1 -> 0 over S/2 steps), then flow-guided distillation (L2)
     rfpp           U-shaped t (a = 4), pseudo-Huber, EMA from step 1, no clipping (rfpp_digits.py's)
     simple_reflow  Simple ReFlow's pinned-down options: L / stopgrad(L), t density ~ 10^{t_noise}, and half
                    of every batch from forward pairs (stage `forward_pairs`: real data inverted by the teacher)
@@ -27,7 +27,7 @@ first 1000 stored pairs) and reconstruction (1000 held-out points); the `compare
 compare, docs/methods.md, Method table) writes the table: quality at NFE 1, 2, 4 (w2), params,
 steps, training time, straightness, fidelity, mean ± sd over seeds, the paired differences against
 2-RF and of each composition against each of its parts, and quality_nfe.png. Arguments: `runlocal` (tiny networks and steps, 2 seeds), `seeds=` (3; 2 in
-runlocal), `target=` (moons).
+runlocal), `target=` (moons), `steps=` (S; the recipe's 3000 by default, distillation S / 2).
 """
 
 import copy
@@ -74,10 +74,14 @@ def _slimflow(recipe, small_model: dict, *, normalize_u: bool = False):
 
 
 def every_method(recipe, *, title: str, small_model: dict, seeds: int, caf_stage, rfpp_options, simple_reflow_options,
-                 nfes=NFES):
+                 nfes=NFES, steps: int = 0):
     """The pipeline of every method on `recipe`'s teacher and couplings (a toy2d_reflow / digits_reflow
-    config): the students of METHODS per seed, `evaluate` and `compare`. The helpers are the
-    single-method experiments' own (caf_toy2d, rfpp_digits, simple_reflow_digits)."""
+    config): the students of METHODS per seed, `evaluate` and `compare`; `steps` > 0 replaces the
+    recipe's 2-RF steps S (and its distillation steps by S / 2). The helpers are the single-method
+    experiments' own (caf_toy2d, rfpp_digits, simple_reflow_digits)."""
+    if steps:
+        recipe.reflow.train.steps = steps
+        recipe.distill.train.steps = max(steps // 2, 1)
     reflow = recipe.reflow
     stages = {'teacher': recipe.teacher, 'couplings': recipe.couplings}
     forward = table.for_method(recipe.couplings, 'generate')
@@ -135,7 +139,7 @@ def every_method(recipe, *, title: str, small_model: dict, seeds: int, caf_stage
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, runlocal=False, seeds=0, target='moons')
+    arg = configs.parse_arg(arg, runlocal=False, seeds=0, target='moons', steps=0)
     recipe = configs.experiment(__file__, 'toy2d_reflow', f'runlocal={arg.runlocal},target={arg.target}')
     small = {'features': (16, 16) if arg.runlocal else (32, 32), 'time_dim': 16}
     simple = configs.experiment_module(__file__, 'simple_reflow_digits')
@@ -143,4 +147,5 @@ def get_config(arg=None):
                'rfpp_options': configs.experiment_module(__file__, 'rfpp_digits').rfpp_options,
                'simple_reflow_options': simple.simple_reflow_options}
     return every_method(recipe, title=f'Every method on one teacher ({arg.target})', small_model=small,
-                        seeds=arg.seeds or (2 if arg.runlocal else 3), nfes=(1, 4) if arg.runlocal else NFES, **helpers)
+                        seeds=arg.seeds or (2 if arg.runlocal else 3), nfes=(1, 4) if arg.runlocal else NFES,
+                        steps=arg.steps, **helpers)

@@ -146,9 +146,10 @@ def test_invert_digit_images_with_labels(digit_exports, tmp_path):
     cell = out['cond']['euler@2']
     np.testing.assert_allclose(cell['rmse'], per.mean(), rtol=1e-4)
     # the errors are float rounding (about 1e-4 in uint8 units): their spread over 8 devices and on one agrees
-    # to about 0.2% (on some CPUs), not to the mean's 1e-4
+    # to about 0.2% (on some CPUs), not to the mean's 1e-4; the mean of their squares (about 1.6e-10), weighted
+    # to the largest, to about 1.2e-4 on an AVX-512 CPU
     np.testing.assert_allclose(cell['rmse_std'], per.std(), rtol=1e-2)
-    np.testing.assert_allclose(cell['mse'], fidelity.mse(np.asarray(x), x1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(cell['mse'], fidelity.mse(np.asarray(x), x1).mean(), rtol=1e-3)
     # guidance: the class-conditional model's calls double, the others are unguided; a class-conditional model
     # without a null label is refused
     guided = invert.run(_digits(tmp_path, models=('analytic', f"cond={digit_exports['cond']}"),

@@ -122,7 +122,8 @@ def method_table(report_: Mapping[str, Any], methods: Mapping[str, Sequence[Sequ
                  costs: Mapping[str, Cost], *, nfes: Sequence[int], samplers: Mapping[str, Sequence[str]],
                  default_samplers: Sequence[str], baseline: str, parts: Mapping[str, Sequence[str]],
                  metric: str | None = None) -> dict[str, Any]:
-    """The comparison: {'metric', 'score', 'nfes', 'baseline', 'methods': {name: summary and 'seeds'},
+    """The comparison: {'metric', 'score', 'nfes', 'baseline', 'methods': {name: its summary over seeds, 'models'
+    and 'seeds' (each seed's values)},
     'differences': {'<a> - <b>': paired differences and 'pairs'}}, the differences of every method
     with as many seeds as `baseline` against it, and of every composition of `parts` against each part."""
     for name, chains in methods.items():
@@ -140,7 +141,7 @@ def method_table(report_: Mapping[str, Any], methods: Mapping[str, Sequence[Sequ
     score = fidelity_score(report_)
     seeds = {name: [_seed_values(report_[chain[-1]], chain, costs, samplers.get(name, default_samplers), nfes,
                                  metric, score) for chain in chains] for name, chains in methods.items()}
-    rows = {name: {**_summary(values, nfes), 'models': [chain[-1] for chain in methods[name]]}
+    rows = {name: {**_summary(values, nfes), 'models': [chain[-1] for chain in methods[name]], 'seeds': values}
             for name, values in seeds.items()}
     pairs = [(name, baseline) for name in methods if name != baseline and len(methods[name]) == len(methods[baseline])]
     pairs += [(name, part) for name, of in parts.items() for part in of]
