@@ -28,11 +28,7 @@ def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, seeds=0, student_nf=8, steps=STEPS)
     recipe = configs.experiment(__file__, 'digits_reflow', 'runlocal' if arg.runlocal else None)
     toy = configs.experiment_module(__file__, 'all_methods_toy2d')
-    simple = configs.experiment_module(__file__, 'simple_reflow_digits')
-    helpers = {'caf_stage': configs.experiment_module(__file__, 'caf_toy2d').caf_stage,
-               'rfpp_options': configs.experiment_module(__file__, 'rfpp_digits').rfpp_options,
-               'simple_reflow_options': simple.simple_reflow_options}
     return toy.every_method(recipe, title='Every method on one teacher (digits)',
                             small_model={'nf': 4 if arg.runlocal else arg.student_nf},
                             seeds=arg.seeds or (1 if arg.runlocal else 3), nfes=(1, 4) if arg.runlocal else toy.NFES,
-                            steps=0 if arg.runlocal else arg.steps, **helpers)
+                            steps=0 if arg.runlocal else arg.steps)

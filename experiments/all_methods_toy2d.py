@@ -26,8 +26,9 @@ update caf@1 / caf@3 (2 and 4 NFE; runlocal: 1 and 4 NFE only), with coupling pr
 first 1000 stored pairs) and reconstruction (1000 held-out points); the `compare` stage (method
 compare, docs/methods.md, Method table) writes the table: quality at NFE 1, 2, 4 (w2), params,
 steps, training time, straightness, fidelity, mean ± sd over seeds, the paired differences against
-2-RF and of each composition against each of its parts, and quality_nfe.png. Arguments: `runlocal` (tiny networks and steps, 2 seeds), `seeds=` (3; 2 in
-runlocal), `target=` (moons), `steps=` (S; the recipe's 3000 by default, distillation S / 2).
+2-RF and of each composition against each of its parts, and quality_nfe.png. Arguments: `runlocal`
+(tiny networks and steps, 2 seeds), `seeds=` (3; 2 in runlocal), `target=` (moons), `steps=` (S; the
+recipe's 3000 by default, distillation S / 2).
 """
 
 import copy
@@ -40,6 +41,8 @@ PARTS = {'slimflow_u_norm': ('slimflow', 'rfpp', 'simple_reflow'), 'caf_u': ('ca
 NFES = (1, 2, 4)  # the table's quality columns (runlocal: 1 and 4)
 WINDOWS = 4  # PeRFlow's K
 TEACHER_STEPS = 32  # PeRFlow's teacher Euler steps over [0, 1], split over the windows
+# a two-stage student's first stage: its chain in the table is '<first>_s<s>+<method>_s<s>'
+FIRST_STAGE = {'distill': 'reflow', 'slimflow': 'slimflow_annealed', 'slimflow_u_norm': 'slimflow_u_norm_annealed'}
 FORWARD_FRACTION = 0.5  # Simple ReFlow: the fraction of every batch from the forward pairs (not given by the paper)
 
 
@@ -73,12 +76,14 @@ def _slimflow(recipe, small_model: dict, *, normalize_u: bool = False):
     return annealed, distilled
 
 
-def every_method(recipe, *, title: str, small_model: dict, seeds: int, caf_stage, rfpp_options, simple_reflow_options,
-                 nfes=NFES, steps: int = 0):
+def every_method(recipe, *, title: str, small_model: dict, seeds: int, nfes=NFES, steps: int = 0):
     """The pipeline of every method on `recipe`'s teacher and couplings (a toy2d_reflow / digits_reflow
     config): the students of METHODS per seed, `evaluate` and `compare`; `steps` > 0 replaces the
-    recipe's 2-RF steps S (and its distillation steps by S / 2). The helpers are the single-method
-    experiments' own (caf_toy2d, rfpp_digits, simple_reflow_digits)."""
+    recipe's 2-RF steps S (and its distillation steps by S / 2). CAF's, rfpp's and Simple ReFlow's stages
+    are built by the single-method experiments' own helpers (caf_toy2d, rfpp_digits, simple_reflow_digits)."""
+    caf_stage = configs.experiment_module(__file__, 'caf_toy2d').caf_stage
+    rfpp_options = configs.experiment_module(__file__, 'rfpp_digits').rfpp_options
+    simple_reflow_options = configs.experiment_module(__file__, 'simple_reflow_digits').simple_reflow_options
     if steps:
         recipe.reflow.train.steps = steps
         recipe.distill.train.steps = max(steps // 2, 1)
@@ -111,8 +116,7 @@ def every_method(recipe, *, title: str, small_model: dict, seeds: int, caf_stage
         for name, c in students.items():
             stages[f'{name}_s{s}'] = c
         for m in METHODS:
-            first = {'distill': 'reflow', 'slimflow': 'slimflow_annealed',
-                     'slimflow_u_norm': 'slimflow_u_norm_annealed'}.get(m)
+            first = FIRST_STAGE.get(m)
             chains[m].append('+'.join([f'{first}_s{s}'] * bool(first) + [f'{m}_s{s}']))
 
     evaluate = recipe.evaluate
@@ -142,10 +146,6 @@ def get_config(arg=None):
     arg = configs.parse_arg(arg, runlocal=False, seeds=0, target='moons', steps=0)
     recipe = configs.experiment(__file__, 'toy2d_reflow', f'runlocal={arg.runlocal},target={arg.target}')
     small = {'features': (16, 16) if arg.runlocal else (32, 32), 'time_dim': 16}
-    simple = configs.experiment_module(__file__, 'simple_reflow_digits')
-    helpers = {'caf_stage': configs.experiment_module(__file__, 'caf_toy2d').caf_stage,
-               'rfpp_options': configs.experiment_module(__file__, 'rfpp_digits').rfpp_options,
-               'simple_reflow_options': simple.simple_reflow_options}
     return every_method(recipe, title=f'Every method on one teacher ({arg.target})', small_model=small,
                         seeds=arg.seeds or (2 if arg.runlocal else 3), nfes=(1, 4) if arg.runlocal else NFES,
-                        steps=arg.steps, **helpers)
+                        steps=arg.steps)
