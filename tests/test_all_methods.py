@@ -83,6 +83,13 @@ def test_table_markdown_and_figure(tmp_path):
     json.dumps(t)  # report.json
 
 
+def test_figure_puts_quality_on_a_log_axis_only_when_it_spans_widely():
+    assert comparison.log_quality([444.0, 11.2, 7.1])  # a teacher at 1 NFE far above its students
+    assert not comparison.log_quality([0.2, 0.19, 1.93])  # within LOG_SPAN
+    assert not comparison.log_quality([-1.0, 50.0]) and not comparison.log_quality([0.0, 5.0])
+    assert not comparison.log_quality([])
+
+
 def test_table_refuses_a_model_missing_from_the_report():
     with pytest.raises(errors.UserError, match=r"compare.methods.caf: model 'c9' is not in the evaluation report"):
         comparison.method_table(_report(), {'reflow': [('r0',)], 'caf': [('c9',)]},

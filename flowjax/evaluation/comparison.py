@@ -210,20 +210,31 @@ def markdown(table: Mapping[str, Any], title: str) -> str:
     return '\n'.join(lines)
 
 
+LOG_SPAN = 20  # quality_nfe.png's quality axis is logarithmic when the means span more than this factor
+
+
+def log_quality(means) -> bool:
+    """Whether quality_nfe.png plots `means` on a log axis: all positive, spanning more than LOG_SPAN."""
+    return bool(means) and min(means) > 0 and max(means) > LOG_SPAN * min(means)
+
+
 def figure(path: epath.Path, table: Mapping[str, Any], title: str) -> None:
-    """Quality against NFE: a line per method, its seeds' mean with ± sd bars, NFE on a log axis."""
+    """Quality against NFE: a line per method, its seeds' mean with ± sd bars, NFE on a log axis (and
+    quality too when every mean is positive and they span more than LOG_SPAN)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    means = []
     for name, row in table['methods'].items():
         points = [(n, s['mean'], s['std']) for n, s in row['quality'].items()
                   if s is not None and s['mean'] is not None]
         if not points:
             continue
         n, mean, std = (np.array(v, float) for v in zip(*points))
+        means.extend(mean)
         width = 2.5 if name == table['baseline'] else 1.2
         ax.errorbar(n, mean, yerr=std, marker='o', capsize=3, linewidth=width, label=name)
     nfes = table['nfes']
@@ -231,6 +242,8 @@ def figure(path: epath.Path, table: Mapping[str, Any], title: str) -> None:
     ax.set_xticks(nfes, [str(n) for n in nfes])
     ax.set_xlim(min(nfes) / math.sqrt(2), max(nfes) * math.sqrt(2))
     ax.set_xlabel('NFE')
+    if log_quality(means):  # e.g. a teacher at 1 NFE far above its students
+        ax.set_yscale('log')
     ax.set_ylabel(f"{table['metric']} (lower is better)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
